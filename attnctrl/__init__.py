@@ -1,0 +1,42 @@
+"""attnctrl: training-free attention control for diffusion models (SD, SDXL, SD3, FLUX).
+
+    import attnctrl as ac
+    pipe = ac.load("tiny-sd")
+    out = pipe("a red car and a white sheep", seed=0, controls=[ac.AttentionMaps()])
+"""
+from .attach import attach
+from .control import Control
+from .controls import AttentionMaps
+from .layers import LayerInfo
+from .maps import AttentionMapResult
+from .plan import CompositionError
+from .selectors import Selector, SelectorError
+from .state import BatchLayout, RunContext, StepState
+
+__version__ = "0.1.0"
+
+
+def load(model=None, **kwargs):
+    """A `ControlledPipeline` for an embedded model name, hub id, local directory or diffusers pipeline.
+
+    ``ac.load()`` gives the embedded default model; keyword arguments (``torch_dtype``, ``device``)
+    go to the loader.
+    """
+    from attnctrl.models.loading import load_pipeline
+    from attnctrl.pipelines import ControlledPipeline
+
+    return ControlledPipeline(load_pipeline(model, **kwargs))
+
+
+def __getattr__(name):
+    if name in ("ControlledPipeline", "ControlledOutput"):
+        import attnctrl.pipelines as p
+
+        return getattr(p, name)
+    raise AttributeError(f"module 'attnctrl' has no attribute {name!r}")
+
+
+__all__ = [
+    "load", "attach", "Control", "AttentionMaps", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
+    "LayerInfo", "Selector", "SelectorError", "CompositionError", "BatchLayout", "RunContext", "StepState",
+]

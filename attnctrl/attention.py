@@ -1,0 +1,109 @@
+"""`AttentionCall`, the normalised view of one attention call, and `attend`, which runs a chain of
+controls over it.
+
+Every processor (UNet, SD3 joint, FLUX) turns its diffusers call into an `AttentionCall` with
+q, k, v of shape (batch, heads, tokens, head_dim) and the slices telling which query/key tokens
+are image and which are text, then calls `attend`. `attend` uses SDPA unless a control on the
+layer needs explicit probabilities (DESIGN rule 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .control import Control
+from .layers import LayerInfo
+from .state import RunContext
+
+Chain = list  # list[tuple[Control, frozenset[int] | None]]
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, normalised.
+
+    q, k, v: (B, H, Lq, D) / (B, H, Lk, D), after the model's own norms and rotary embedding.
+    q_image / k_image: slices of image tokens among queries / keys; q_text / k_text: text tokens
+    (None when the layer has no text, e.g. self-attention). grid: (h, w) of the image tokens.
+    heads: head restriction of the control whose hook is being called (None = all heads).
+    mask: additive mask passed by the model (or None). scale: softmax scale of the layer.
+    """
+
+    layer: LayerInfo
+    run: RunContext
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_image: slice
+    k_image: slice
+    grid: tuple[int, int]
+    scale: float
+    q_text: slice | None = None
+    k_text: slice | None = None
+    mask: torch.Tensor | None = None
+    module: Any = None
+    heads: frozenset[int] | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias) over keys, computed in float32 and cast back to q's dtype."""
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).to(q.dtype)
+
+
+def _sdpa(call: AttentionCall, bias: torch.Tensor | None) -> torch.Tensor:
+    default_scale = call.q.shape[-1] ** -0.5
+    scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale
+    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, dropout_p=0.0, scale=scale)
+
+
+def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
+    """Run `chain` (controls in the user's order, each with its heads) over `call`; return B×H×Lq×D."""
+    for control, heads in chain:
+        if control.implements("qkv"):
+            call.heads = heads
+            control.qkv(call)
+    bias = call.mask
+    for control, heads in chain:
+        if control.implements("bias"):
+            call.heads = heads
+            b = control.bias(call)
+            if b is not None:
+                bias = b if bias is None else bias + b
+    readers = []
+    for control, heads in chain:
+        call.heads = heads
+        if control.needs_probs(call):
+            readers.append((control, heads))
+    if readers:
+        p = attention_probs(call.q, call.k, call.scale, bias)
+        for control, heads in readers:
+            call.heads = heads
+            p = control.probs(call, p)
+        o = torch.matmul(p, call.v)
+    else:
+        o = _sdpa(call, bias)
+    for control, heads in chain:
+        if control.implements("out"):
+            call.heads = heads
+            o = control.out(call, o)
+    call.heads = None
+    return o
+
+
+def active_chain(run: RunContext, layer_name: str) -> Chain:
+    """The controls planned on `layer_name` that are active at the run's current step."""
+    planned = run.plan.get(layer_name)
+    if not planned:
+        return []
+    return [(c, h) for c, h in planned if c.active(run.state)]

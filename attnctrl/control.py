@@ -1,0 +1,116 @@
+"""The `Control` protocol: what every attention-control method implements.
+
+A control says *where* it acts (`layers`, a selector; `steps`, a step range) and overrides any of
+the hooks below. Hooks it does not override cost nothing: the processors only call the hooks a
+control actually defines, and a layer without an active control runs the stock processor.
+
+Attention level (called by the processors, for the layers the control selected):
+    qkv(call)          edit ``call.q / call.k / call.v`` in place (e.g. AdaIN, shared K/V).
+    bias(call)         return an additive logits mask (broadcastable to B×H×Lq×Lk) or None.
+    probs(call, p)     read/edit explicit probabilities; only called when `needs_probs(call)`.
+    out(call, o)       edit the per-head output (B×H×Lq×D), e.g. perturbation (1−u)·o + u·v.
+Loop level (called by `ControlledPipeline`):
+    branches()                          extra batch branches, e.g. ``["perturbed"]``.
+    branch_source(branch)               which conditioning a branch uses ("cond" or "uncond").
+    combine(preds, state, guided)       return the new guided prediction (composes in order).
+    before_step(latents, state, denoise) latent update before the step (e.g. A&E optimisation).
+    after_step(latents, state)          observe the new latents.
+Run lifetime:
+    begin(run) / end(run)               set up and tear down per-run state (kept in ``run.store``).
+    result(run)                         a value placed on the output (``out.maps`` for maps).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .selectors import SelectorLike
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .attention import AttentionCall
+    from .state import RunContext, StepState
+
+HOOKS = ("qkv", "bias", "probs", "out")
+
+
+class Control:
+    """Base class of all controls. Subclasses set `name`, `default_layers` and override hooks."""
+
+    name: str = "control"
+    default_layers: SelectorLike = "self"
+    #: names of controls this one cannot share a layer with (checked before the first step)
+    exclusive_with: tuple[str, ...] = ()
+    #: key on the pipeline output under which `result()` is returned (None: not returned)
+    result_key: str | None = None
+
+    def __init__(self, layers: SelectorLike | None = None, steps: tuple[float, float] | None = None):
+        self.layers = self.default_layers if layers is None else layers
+        self.steps = steps
+
+    # ---- where and when ----------------------------------------------------------------------
+    def step_range(self, num_steps: int) -> tuple[int, int]:
+        """[start, stop) step indices; floats in [0, 1] are fractions of `num_steps`."""
+        if self.steps is None:
+            return 0, num_steps
+        lo, hi = self.steps
+        conv = lambda x: int(round(x * num_steps)) if isinstance(x, float) and 0.0 <= x <= 1.0 else int(x)
+        return conv(lo), conv(hi)
+
+    def active(self, state: "StepState | None") -> bool:
+        if state is None or self.steps is None:
+            return True
+        lo, hi = self.step_range(state.num_steps)
+        return lo <= state.index < hi
+
+    def implements(self, hook: str) -> bool:
+        """Whether this control overrides `hook` (so the processor must call it)."""
+        return getattr(type(self), hook) is not getattr(Control, hook)
+
+    def needs_probs(self, call: "AttentionCall") -> bool:
+        """Explicit probabilities are computed on a layer only if a control there says so."""
+        return self.implements("probs")
+
+    # ---- attention-level hooks ------------------------------------------------------------------
+    def qkv(self, call: "AttentionCall") -> None:
+        return None
+
+    def bias(self, call: "AttentionCall") -> "torch.Tensor | None":
+        return None
+
+    def probs(self, call: "AttentionCall", p: "torch.Tensor") -> "torch.Tensor":
+        return p
+
+    def out(self, call: "AttentionCall", o: "torch.Tensor") -> "torch.Tensor":
+        return o
+
+    # ---- loop-level hooks -----------------------------------------------------------------------
+    def branches(self) -> Sequence[str]:
+        return ()
+
+    def branch_source(self, branch: str) -> str:
+        return "cond"
+
+    def combine(self, preds: dict, state: "StepState", guided: "torch.Tensor") -> "torch.Tensor":
+        return guided
+
+    def before_step(
+        self, latents: "torch.Tensor", state: "StepState", denoise: Callable[["torch.Tensor"], "torch.Tensor"]
+    ) -> "torch.Tensor":
+        return latents
+
+    def after_step(self, latents: "torch.Tensor", state: "StepState") -> None:
+        return None
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def begin(self, run: "RunContext") -> None:
+        return None
+
+    def end(self, run: "RunContext") -> None:
+        return None
+
+    def result(self, run: "RunContext") -> Any:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={self.layers!r}, steps={self.steps!r})"

@@ -1,0 +1,104 @@
+"""The attention layers of a denoiser, described once: name, kind, place, block, scale, heads.
+
+Layer names are diffusers' module paths (the keys of ``denoiser.attn_processors`` without
+``.processor``), e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2`` or
+``single_transformer_blocks.3.attn``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+KINDS = ("self", "cross", "joint")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer.
+
+    kind:   "self" (image→image), "cross" (image→text, UNet attn2) or "joint" (SD3/FLUX: one
+            attention over image and text tokens; it contains both a self and a cross part).
+    place:  "down" / "mid" / "up" for UNets; "blocks" (SD3 and FLUX double-stream blocks) or
+            "single" (FLUX single-stream blocks) for transformers.
+    block:  index of the block within its place (``down_blocks.2`` → 2; ``transformer_blocks.7`` → 7).
+    factor: downsampling of this layer's token grid relative to the denoiser's input grid.
+    heads:  number of attention heads.
+    """
+
+    name: str
+    kind: str
+    place: str
+    block: int
+    factor: int
+    heads: int
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.name.split("."))
+
+    def grid(self, input_grid: tuple[int, int]) -> tuple[int, int]:
+        """Token grid (h, w) of this layer when the denoiser's input grid is `input_grid`."""
+        h, w = input_grid
+        return (h // self.factor, w // self.factor)
+
+    def resolution(self, input_grid: tuple[int, int]) -> int:
+        """Height of the layer's token grid (its side for square images)."""
+        return self.grid(input_grid)[0]
+
+    def has_part(self, part: str) -> bool:
+        """Whether the layer attends image→image ("self") or image→text ("cross")."""
+        return self.kind == part or (self.kind == "joint" and part in ("self", "cross"))
+
+
+def _module(denoiser: nn.Module, name: str) -> nn.Module:
+    return denoiser.get_submodule(name)
+
+
+def _unet_factors(unet: nn.Module) -> dict[str, int]:
+    """Downsampling factor of every UNet block prefix, following the down/up samplers in order."""
+    factors: dict[str, int] = {}
+    f = 1
+    for i, block in enumerate(unet.down_blocks):
+        factors[f"down_blocks.{i}"] = f
+        if getattr(block, "downsamplers", None):
+            f *= 2
+    factors["mid_block"] = f
+    for i, block in enumerate(unet.up_blocks):
+        factors[f"up_blocks.{i}"] = f
+        if getattr(block, "upsamplers", None):
+            f //= 2
+    return factors
+
+
+def _unet_layer(unet: nn.Module, name: str, factors: dict[str, int]) -> LayerInfo:
+    seg = name.split(".")
+    if seg[0] == "mid_block":
+        place, block, prefix = "mid", 0, "mid_block"
+    else:
+        place, block = seg[0].split("_")[0], int(seg[1])
+        prefix = f"{seg[0]}.{seg[1]}"
+    attn = _module(unet, name)
+    cross = bool(getattr(attn, "is_cross_attention", seg[-1] == "attn2"))
+    return LayerInfo(name, "cross" if cross else "self", place, block, factors[prefix], attn.heads)
+
+
+def _transformer_layer(model: nn.Module, name: str) -> LayerInfo:
+    seg = name.split(".")
+    attn = _module(model, name)
+    place = "single" if seg[0] == "single_transformer_blocks" else "blocks"
+    # SD3.5 dual-attention blocks have a second, image-only self-attention `attn2`;
+    # FLUX single blocks attend over the concatenated [text, image] sequence (joint).
+    kind = "self" if seg[-1] == "attn2" else "joint"
+    return LayerInfo(name, kind, place, int(seg[1]), 1, attn.heads)
+
+
+def list_layers(denoiser: nn.Module) -> list[LayerInfo]:
+    """All attention layers of a UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel."""
+    names = [k[: -len(".processor")] for k in denoiser.attn_processors]
+    if hasattr(denoiser, "down_blocks"):
+        factors = _unet_factors(denoiser)
+        return [_unet_layer(denoiser, n, factors) for n in names]
+    if hasattr(denoiser, "transformer_blocks"):
+        return [_transformer_layer(denoiser, n) for n in names]
+    raise TypeError(f"unsupported denoiser {type(denoiser).__name__}: expected a UNet or an SD3/FLUX transformer")

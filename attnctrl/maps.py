@@ -1,0 +1,133 @@
+"""`AttentionMapResult`: aggregated per-token attention maps of a run, and their rendering."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+# anchor colours of a perceptual "inferno"-like colormap, low → high
+_CMAP = np.array(
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]],
+    dtype=np.float32,
+)
+
+
+def colorize(m: np.ndarray) -> np.ndarray:
+    """Map an array in [0, 1] to RGB uint8 with the built-in colormap."""
+    x = np.clip(m, 0.0, 1.0) * (len(_CMAP) - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, len(_CMAP) - 1)
+    frac = (x - lo)[..., None]
+    return (_CMAP[lo] * (1 - frac) + _CMAP[hi] * frac).astype(np.uint8)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+class AttentionMapResult:
+    """Mean attention maps per resolution: ``by_res[(h, w)]`` is a float tensor (images, text tokens, h, w).
+
+    At every pixel, the values over the text tokens sum to 1 (a distribution over the prompt's
+    tokens, BOS/EOS/padding included). Words are looked up with `attnctrl.tokens`, so
+    ``result.word(0, "sheep")`` is the map of the word "sheep" in image 0's prompt.
+    """
+
+    def __init__(self, by_res: dict, prompts: Sequence[str] = (), pipeline=None):
+        self.by_res = dict(sorted(by_res.items()))
+        self.prompts = list(prompts)
+        self._pipeline = pipeline
+
+    # ---- access ------------------------------------------------------------------------------
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        return list(self.by_res)
+
+    @property
+    def num_images(self) -> int:
+        return next(iter(self.by_res.values())).shape[0] if self.by_res else 0
+
+    def __bool__(self) -> bool:
+        return bool(self.by_res)
+
+    def combined(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Average over resolutions, each upsampled (bilinear) to `size` (default: the largest): (images, T, H, W)."""
+        if not self.by_res:
+            raise ValueError("no attention maps were recorded (did any selected layer run?)")
+        size = size or max(self.by_res, key=lambda s: s[0] * s[1])
+        ups = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in self.by_res.values()]
+        return torch.stack(ups).mean(0)
+
+    def prompt_of(self, image: int) -> str:
+        """Prompt of image `image` (images are prompt-major: num_images_per_prompt per prompt)."""
+        if not self.prompts:
+            raise ValueError("this result has no prompts recorded; pass token indices instead of words")
+        per = self.num_images // len(self.prompts)
+        return self.prompts[image // per]
+
+    def token_indices(self, image: int, word) -> list[int]:
+        """Indices of `word` (a word, phrase, "word#2" or raw indices) in the text tokens the layers saw."""
+        if isinstance(word, int) or (isinstance(word, (list, tuple)) and all(isinstance(i, int) for i in word)):
+            return [word] if isinstance(word, int) else list(word)
+        from .tokens import joint_text_indices
+
+        pipe = self._pipeline
+        return joint_text_indices(pipe.pipe, self.prompt_of(image), word, pipe.family)
+
+    def word(self, image: int, word, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Map (H, W) of a word: the sum of its tokens' maps."""
+        maps = self.combined(size)[image]
+        return maps[self.token_indices(image, word)].sum(0)
+
+    def words(self, image: int, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Map of every word of image `image`'s prompt, in prompt order (repeats as "word#2")."""
+        from .tokens import prompt_words
+
+        out, seen = {}, {}
+        for w in prompt_words(self.prompt_of(image)):
+            seen[w] = seen.get(w, 0) + 1
+            key = w if seen[w] == 1 else f"{w}#{seen[w]}"
+            out[key] = self.word(image, key, size)
+        return out
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def render(self, image: int = 0, picture: Image.Image | None = None, tile: int = 160, alpha: float = 0.55) -> Image.Image:
+        """A labelled grid: the picture (if given), then one heatmap per word, overlaid on the picture."""
+        maps = self.words(image)
+        base = picture.convert("RGB").resize((tile, tile), Image.BICUBIC) if picture is not None else None
+        tiles = [("image", base)] if base is not None else []
+        for w, m in maps.items():
+            a = m.numpy()
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+            heat = Image.fromarray(colorize(a)).resize((tile, tile), Image.BICUBIC)
+            tiles.append((w, Image.blend(base, heat, alpha) if base is not None else heat))
+        return _grid(tiles, tile, title=self.prompt_of(image))
+
+    def save(self, path: str | Path, image: int = 0, picture: Image.Image | None = None) -> Path:
+        """Render image `image`'s maps and write them as PNG to `path`."""
+        path = Path(path)
+        self.render(image, picture).save(path)
+        return path
+
+
+def _grid(tiles: list[tuple[str, Image.Image]], tile: int, title: str = "", cols: int = 6) -> Image.Image:
+    label_h, title_h, pad = 22, 26 if title else 0, 4
+    cols = max(1, min(cols, len(tiles)))
+    rows = (len(tiles) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (tile + pad) + pad, title_h + rows * (tile + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 4), title, fill="black", font=_font(16))
+    for i, (label, img) in enumerate(tiles):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (tile + pad), title_h + pad + r * (tile + label_h + pad)
+        canvas.paste(img, (x, y))
+        draw.text((x + 2, y + tile + 3), label, fill="black", font=_font(14))
+    return canvas

@@ -1,0 +1,175 @@
+"""`ControlledPipeline`: a diffusers pipeline plus attention controls, as a drop-in `__call__`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from attnctrl.control import Control
+from attnctrl.layers import LayerInfo, list_layers
+from attnctrl.models.loading import family_of
+from attnctrl.plan import build_plan, check_controls
+from attnctrl.processors.install import installed
+from attnctrl.state import BatchLayout, RunContext
+
+from .adapters import ADAPTERS
+from .adapters.base import call_defaults
+from .loop import denoise_loop
+
+_LOOP_KEYS = ("output_type", "return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
+
+
+@dataclass
+class ControlledOutput:
+    """Result of a controlled run.
+
+    images:  as the stock pipeline returns them for `output_type` (PIL list by default).
+    latents: the final latents in the pipeline's own layout (packed for FLUX), before decoding.
+    maps:    the `AttentionMaps` result when that control ran, else None.
+    results: every control's result by its `result_key`.
+    """
+
+    images: Any
+    latents: torch.Tensor
+    maps: Any = None
+    results: dict = field(default_factory=dict)
+    nsfw_content_detected: Any = None
+
+    def __iter__(self):  # `images, = out` style unpacking like diffusers' tuples
+        return iter((self.images,))
+
+
+def _check_prompt(kw: dict) -> None:
+    prompt = kw.get("prompt")
+    if prompt is None:
+        if kw.get("prompt_embeds") is None:
+            raise ValueError("no prompt given: pass a prompt string (or prompt_embeds)")
+        return
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("prompt is empty: give a text prompt describing the image")
+
+
+def _check_numbers(kw: dict) -> None:
+    steps = kw.get("num_inference_steps")
+    if kw.get("timesteps") is None and kw.get("sigmas") is None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    n = kw.get("num_images_per_prompt", 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+    for key in ("height", "width"):
+        v = kw.get(key)
+        if v is not None and (not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{key} must be a positive integer number of pixels, got {v!r}")
+
+
+class ControlledPipeline:
+    """Wraps a diffusers SD / SDXL / SD3 / FLUX pipeline; `__call__` adds `controls=` and `seed=`.
+
+    Every other keyword argument is the wrapped pipeline's own, with its defaults; with no
+    controls the result equals the stock pipeline's for the same generator.
+    """
+
+    def __init__(self, pipe):
+        if isinstance(pipe, ControlledPipeline):
+            pipe = pipe.pipe
+        self.pipe = pipe
+        self.family = family_of(pipe)
+        self.adapter = ADAPTERS[self.family]()
+
+    # ---- model facts -------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet if self.family in ("sd", "sdxl") else self.pipe.transformer
+
+    def layers(self) -> list[LayerInfo]:
+        """All attention layers of the denoiser (see `attnctrl.layers.LayerInfo`)."""
+        return list_layers(self.denoiser)
+
+    def default_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Image-token grid of the denoiser input for an image of height × width (default size if None)."""
+        pipe = self.pipe
+        if self.family in ("sd", "sdxl"):
+            from .adapters.sd import default_size
+
+            dh, dw = default_size(pipe)
+            return (height or dh) // pipe.vae_scale_factor, (width or dw) // pipe.vae_scale_factor
+        d = pipe.default_sample_size * pipe.vae_scale_factor
+        if self.family == "sd3":
+            f = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+        else:
+            f = pipe.vae_scale_factor * 2
+        return (height or d) // f, (width or d) // f
+
+    def __getattr__(self, name: str):
+        # components and helpers of the wrapped pipeline (tokenizer, scheduler, vae, to(), ...)
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def to(self, *args, **kwargs) -> "ControlledPipeline":
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    # ---- the call ----------------------------------------------------------------------------
+    def _arguments(self, prompt, seed, kwargs) -> dict:
+        defaults = call_defaults(self.pipe)
+        unknown = [k for k in kwargs if k not in defaults]
+        if unknown:
+            raise TypeError(
+                f"{type(self.pipe).__name__} has no argument(s) {unknown}; valid: {', '.join(sorted(defaults))}"
+            )
+        used = [k for k in self.adapter.unsupported if kwargs.get(k) is not None]
+        if used:
+            raise NotImplementedError(f"attnctrl does not support {used} for {self.family} pipelines yet")
+        kw = {**defaults, **kwargs, "prompt": prompt}
+        if seed is not None:
+            if kwargs.get("generator") is not None:
+                raise ValueError("pass either seed= or generator=, not both")
+            if not isinstance(seed, int):
+                raise TypeError(f"seed must be an integer, got {seed!r}")
+            kw["generator"] = torch.Generator("cpu").manual_seed(seed)
+        _check_prompt(kw)
+        _check_numbers(kw)
+        return kw
+
+    def __call__(self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs):
+        controls = check_controls(controls)
+        kw = self._arguments(prompt, seed, kwargs)
+        output_type = kw.pop("output_type") or "pil"
+        return_dict = kw.pop("return_dict")
+        callback = kw.pop("callback_on_step_end")
+        callback_inputs = kw.pop("callback_on_step_end_tensor_inputs") or ["latents"]
+
+        pipe = self.pipe
+        layers = self.layers()
+        grad_needed = any(c.implements("before_step") for c in controls)
+        with torch.no_grad() if grad_needed else torch.inference_mode():
+            prep = self.adapter.prepare(pipe, kw)
+            run = RunContext(
+                family=self.family, layout=BatchLayout.build(prep.images, prep.cfg), grid=prep.grid,
+                text_len=prep.text_len, prompts=prep.prompts,
+            )
+            run.plan = build_plan(controls, layers, prep.grid)
+            run.store["pipeline"] = self
+            planned = [layer for layer in layers if layer.name in run.plan]
+            started = []
+            try:
+                for c in controls:
+                    c.begin(run)
+                    started.append(c)
+                with installed(self.denoiser, run, planned):
+                    latents = denoise_loop(pipe, self.adapter, prep, run, controls, callback, callback_inputs)
+                images, nsfw = self.adapter.decode(pipe, prep, latents, output_type)
+                results = {c.result_key: c.result(run) for c in controls if c.result_key}
+            finally:
+                for c in started:
+                    c.end(run)
+                pipe.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, nsfw)
+        return ControlledOutput(images=images, latents=latents, maps=results.get("maps"), results=results, nsfw_content_detected=nsfw)
