@@ -90,7 +90,8 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
         for control, heads in readers:
             call.heads = heads
             p = control.probs(call, p)
-        o = torch.matmul(p, call.v)
+        # observers only (e.g. maps): the output stays SDPA's, bit for bit
+        o = _sdpa(call, bias) if all(c.observes_only for c, _ in readers) else torch.matmul(p, call.v)
     else:
         o = _sdpa(call, bias)
     for control, heads in chain:

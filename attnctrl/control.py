@@ -43,6 +43,8 @@ class Control:
     exclusive_with: tuple[str, ...] = ()
     #: key on the pipeline output under which `result()` is returned (None: not returned)
     result_key: str | None = None
+    #: True if `probs` only reads the probabilities (the layer output then stays SDPA's)
+    observes_only: bool = False
 
     def __init__(self, layers: SelectorLike | None = None, steps: tuple[float, float] | None = None):
         self.layers = self.default_layers if layers is None else layers

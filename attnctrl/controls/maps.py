@@ -28,6 +28,7 @@ class AttentionMaps(Control):
     name = "maps"
     default_layers = "cross"
     result_key = "maps"
+    observes_only = True
 
     def __init__(self, layers: SelectorLike | None = None, resolutions=None, steps=None):
         if resolutions is not None:
