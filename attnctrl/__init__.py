@@ -22,10 +22,13 @@ def load(model=None, **kwargs):
     ``ac.load()`` gives the embedded default model; keyword arguments (``torch_dtype``, ``device``)
     go to the loader.
     """
-    from attnctrl.models.loading import load_pipeline
+    from attnctrl.models.loading import DEFAULT_MODEL, load_pipeline
+    from attnctrl.models.tiny import TINY_DEFAULTS
     from attnctrl.pipelines import ControlledPipeline
 
-    return ControlledPipeline(load_pipeline(model, **kwargs))
+    name = (DEFAULT_MODEL if model is None else model) if isinstance(model, (str, type(None))) else None
+    defaults = TINY_DEFAULTS.get(name.lower(), {}) if name else {}
+    return ControlledPipeline(load_pipeline(model, **kwargs), defaults=defaults)
 
 
 def __getattr__(name):

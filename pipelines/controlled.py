@@ -17,7 +17,12 @@ from .adapters import ADAPTERS
 from .adapters.base import call_defaults
 from .loop import denoise_loop
 
-_LOOP_KEYS = ("output_type", "return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
+TEXT_TO_IMAGE = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
 
 
 @dataclass
@@ -74,12 +79,22 @@ class ControlledPipeline:
     controls the result equals the stock pipeline's for the same generator.
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, defaults: dict | None = None):
         if isinstance(pipe, ControlledPipeline):
+            defaults = {**pipe.defaults, **(defaults or {})}
             pipe = pipe.pipe
         self.pipe = pipe
         self.family = family_of(pipe)
+        expected = TEXT_TO_IMAGE[self.family]
+        if not any(cls.__name__ == expected for cls in type(pipe).__mro__):
+            raise TypeError(
+                f"ControlledPipeline runs text-to-image {expected}s; got {type(pipe).__name__}. "
+                f"Convert it with diffusers.{expected}.from_pipe(pipe), or use ac.attach(pipe, controls) "
+                "for attention-level controls on this pipeline as it is"
+            )
         self.adapter = ADAPTERS[self.family]()
+        #: call defaults that override the wrapped pipeline's own (e.g. a tiny model's short T5 length)
+        self.defaults = dict(defaults or {})
 
     # ---- model facts -------------------------------------------------------------------------
     @property
@@ -126,7 +141,7 @@ class ControlledPipeline:
         used = [k for k in self.adapter.unsupported if kwargs.get(k) is not None]
         if used:
             raise NotImplementedError(f"attnctrl does not support {used} for {self.family} pipelines yet")
-        kw = {**defaults, **kwargs, "prompt": prompt}
+        kw = {**defaults, **self.defaults, **kwargs, "prompt": prompt}
         if seed is not None:
             if kwargs.get("generator") is not None:
                 raise ValueError("pass either seed= or generator=, not both")

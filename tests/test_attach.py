@@ -1,0 +1,76 @@
+"""`ac.attach` puts controls on an unmodified diffusers pipeline and always restores it."""
+import pytest
+import torch
+
+import attnctrl as ac
+from attnctrl.control import Control
+from attnctrl.pipelines import ControlledPipeline
+from conftest import call_kwargs, processors_of, stock_latents
+
+PROMPT = "a red car and a white sheep"
+
+
+class Boom(Control):
+    default_layers = "cross"
+
+    def qkv(self, call):
+        raise RuntimeError("boom")
+
+
+class Scale(Control):
+    """Scales every attention output: proves the attached processors are really used."""
+
+    default_layers = "self"
+
+    def out(self, call, o):
+        return o * 0.5
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+def test_restored_after_block_and_after_exception(tiny, name):
+    pipe = tiny(name)
+    kw = call_kwargs(name)
+    before = processors_of(pipe)
+    ref = stock_latents(pipe, PROMPT, **kw)
+    with ac.attach(pipe, [Scale()]):
+        changed = stock_latents(pipe, PROMPT, **kw)
+    assert (changed - ref).abs().max().item() > 1e-3
+    with pytest.raises(RuntimeError, match="boom"):
+        with ac.attach(pipe, [Boom()]):
+            stock_latents(pipe, PROMPT, **kw)
+    after = processors_of(pipe)
+    assert all(after[k] is before[k] for k in before)
+    assert torch.equal(stock_latents(pipe, PROMPT, **kw), ref)
+
+
+def test_attach_maps_equal_controlled_maps(tiny):
+    pipe = tiny("tiny-sd")
+    kw = call_kwargs("tiny-sd")
+    with ac.attach(pipe, [ac.AttentionMaps(resolutions=[16])]) as session:
+        latents = stock_latents(pipe, PROMPT, **kw)
+    out = ControlledPipeline(pipe)(PROMPT, seed=0, controls=[ac.AttentionMaps(resolutions=[16])], **kw)
+    assert torch.equal(latents, out.images)
+    a, b = session.maps.by_res[(16, 16)], out.maps.by_res[(16, 16)]
+    assert a.shape == b.shape == (1, 77, 16, 16)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_attach_refuses_loop_level_controls(tiny):
+    class Guide(Control):
+        def combine(self, preds, state, guided):
+            return guided
+
+    pipe = tiny("tiny-sd")
+    before = processors_of(pipe)
+    with pytest.raises(ValueError, match="ControlledPipeline"):
+        with ac.attach(pipe, [Guide()]):
+            pass
+    assert all(processors_of(pipe)[k] is before[k] for k in before)
+
+
+def test_controlled_pipeline_restores_after_exception(tiny):
+    pipe = tiny("tiny-sdxl")
+    before = processors_of(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        ControlledPipeline(pipe)(PROMPT, seed=0, controls=[Boom()], **call_kwargs("tiny-sdxl"))
+    assert all(processors_of(pipe)[k] is before[k] for k in before)

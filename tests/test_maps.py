@@ -1,0 +1,84 @@
+"""AttentionMaps: normalised per-token maps, per image, with bounded memory."""
+import pytest
+import torch
+from PIL import Image
+
+import attnctrl as ac
+from attnctrl.pipelines import ControlledPipeline
+from attnctrl.tokens import TokenError
+from conftest import call_kwargs
+
+PROMPTS = ["a red car and a white sheep", "a dog on a blue bench"]
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_maps_are_distributions_over_text_per_image(tiny, name):
+    out = ControlledPipeline(tiny(name))(
+        PROMPTS, seed=0, controls=[ac.AttentionMaps()], **call_kwargs(name, num_images_per_prompt=2)
+    )
+    maps = out.maps
+    assert maps.num_images == 4
+    for (h, w), m in maps.by_res.items():
+        assert m.shape[0] == 4 and m.shape[-2:] == (h, w)
+        assert (m >= 0).all()
+        assert torch.allclose(m.sum(1), torch.ones(4, h, w), atol=1e-5)
+    combined = maps.combined()
+    assert torch.allclose(combined.sum(1), torch.ones_like(combined.sum(1)), atol=1e-5)
+    # different prompts attend differently; two samples of one prompt differ too (different noise)
+    assert not torch.allclose(combined[0], combined[2])
+    assert not torch.allclose(combined[0], combined[1])
+
+
+class SizeProbe(ac.AttentionMaps):
+    """AttentionMaps that records how many numbers its running sums hold after every layer call."""
+
+    def begin(self, run):
+        super().begin(run)
+        self.sizes = []
+
+    def probs(self, call, p):
+        p = super().probs(call, p)
+        self.sizes.append(sum(total.numel() for total, _ in call.run.store[self].values()))
+        return p
+
+
+def test_memory_does_not_grow_with_steps(tiny):
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    peaks = []
+    for steps in (2, 8):
+        probe = SizeProbe()
+        pipe("a red car", seed=0, controls=[probe], **call_kwargs("tiny-sd", num_inference_steps=steps))
+        calls_per_step = len(probe.sizes) // steps
+        assert probe.sizes[calls_per_step - 1] == probe.sizes[-1]  # full after step 0, flat afterwards
+        peaks.append(max(probe.sizes))
+    assert peaks[0] == peaks[1] == 77 * (32 * 32 + 16 * 16 + 8 * 8)  # 1 image, 77 tokens, 3 grids
+
+
+def test_resolutions_and_words(tiny):
+    out = ControlledPipeline(tiny("tiny-sd"))(
+        PROMPTS[0], seed=0, controls=[ac.AttentionMaps(resolutions=[16])], **call_kwargs("tiny-sd")
+    )
+    assert out.maps.resolutions == [(16, 16)]
+    words = out.maps.words(0)
+    assert list(words) == ["a", "red", "car", "and", "a#2", "white", "sheep"]
+    # a one-token word's map is exactly that token's map (CLIP: BOS at 0, "car" is token 3)
+    assert torch.equal(words["car"], out.maps.combined()[0, 3])
+    with pytest.raises(TokenError, match="sheep"):
+        out.maps.word(0, "goat")
+
+
+def test_render_writes_labelled_grid(tiny, tmp_path):
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    out = pipe(PROMPTS[0], seed=0, controls=[ac.AttentionMaps()], num_inference_steps=2)
+    grid = out.maps.render(0, out.images[0])
+    assert isinstance(grid, Image.Image) and grid.width > 160 * 4
+    path = out.maps.save(tmp_path / "maps.png", 0, out.images[0])
+    assert Image.open(path).size == grid.size
+
+
+def test_selector_with_no_match_is_an_error_and_leaves_pipeline_alone(tiny):
+    pipe = tiny("tiny-sd")
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(ac.SelectorError, match="res=64"):
+        ControlledPipeline(pipe)("a car", seed=0, controls=[ac.AttentionMaps(resolutions=[64])], **call_kwargs("tiny-sd"))
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
