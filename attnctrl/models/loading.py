@@ -1,0 +1,162 @@
+"""Load a diffusers pipeline from an embedded tiny name, a local folder, a hub id or an object,
+and tell which model family (SD 1.x/2.x, SDXL, SD3, FLUX) a pipeline belongs to."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tiny import TINY_MODELS, build_tiny
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAMILIES",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "load_pipeline",
+    "family_of",
+]
+
+#: Model used when none is given: embedded, so it works offline.
+DEFAULT_MODEL = "tiny-sd"
+
+#: Family names returned by :func:`family_of`.
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded."""
+
+
+class UnsupportedModelError(ValueError):
+    """The pipeline is not of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX)."""
+
+
+def _embedded_list() -> str:
+    return ", ".join(TINY_MODELS)
+
+
+def _place(pipe, torch_dtype: torch.dtype | None, device: str | torch.device | None):
+    if torch_dtype is not None or device is not None:
+        pipe = pipe.to(device=device, dtype=torch_dtype)
+    return pipe
+
+
+def load_pipeline(
+    model: Any = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+):
+    """Return a diffusers ``DiffusionPipeline`` for ``model``.
+
+    ``model`` may be:
+
+    * ``None``: :data:`DEFAULT_MODEL`;
+    * an embedded tiny model name from :data:`~attnctrl.models.tiny.TINY_MODELS`
+      (case-insensitive; takes precedence over a folder of the same name, write ``./tiny-sd`` for that),
+      built fresh on every call;
+    * a ``DiffusionPipeline``: returned as is (the same object);
+    * a local diffusers folder or a hub id ``org/name``: ``DiffusionPipeline.from_pretrained(model,
+      torch_dtype=torch_dtype, **kwargs)``.
+
+    ``torch_dtype`` and ``device``, when given, are applied with ``pipe.to``; ``kwargs`` go to
+    ``from_pretrained`` and are refused for the other kinds. Raises :class:`ModelLoadError` (a
+    ``ValueError``) naming the embedded models when ``model`` is unknown or fails to load, e.g. a hub
+    id without network access.
+    """
+    from diffusers import DiffusionPipeline
+
+    if model is None:
+        model = DEFAULT_MODEL
+    if isinstance(model, DiffusionPipeline):
+        _refuse_kwargs(kwargs, "an existing pipeline")
+        return _place(model, torch_dtype, device)
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise TypeError(
+            f"model must be a name, a path, a hub id or a diffusers DiffusionPipeline, not {type(model).__name__}"
+        )
+    if model.strip().lower() in TINY_MODELS:
+        _refuse_kwargs(kwargs, f"the embedded model {model.strip().lower()!r}")
+        return _place(build_tiny(model.strip().lower()), torch_dtype, device)
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{model!r} is a file, not a diffusers pipeline folder; load single-file checkpoints with "
+                "diffusers' `from_single_file` and pass the pipeline object instead"
+            )
+        source, what = str(path), f"local folder {str(path)!r}"
+    elif _HUB_ID.match(model):
+        source, what = model, f"hub id {model!r}"
+    elif model.startswith((".", "~", "/", "\\")) or os.sep in model or model.count("/") > 1:
+        raise ModelLoadError(f"no such folder: {model!r}. Embedded offline models: {_embedded_list()}")
+    else:
+        raise ModelLoadError(
+            f"unknown model {model!r}: not an embedded model, an existing folder or a hub id 'org/name'. "
+            f"Embedded offline models: {_embedded_list()}"
+        )
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as err:  # network, cache, missing files, bad config: all reported the same way
+        raise ModelLoadError(
+            f"could not load the {what}: {type(err).__name__}: {err}\n"
+            f"Embedded offline models: {_embedded_list()}"
+        ) from err
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _refuse_kwargs(kwargs: dict[str, Any], what: str) -> None:
+    if kwargs:
+        raise TypeError(
+            f"keyword arguments {sorted(kwargs)} only apply when loading from a folder or hub id, not for {what}"
+        )
+
+
+def family_of(pipe) -> str:
+    """Model family of a diffusers pipeline: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``.
+
+    Decided from the denoiser and text encoders, so task variants (img2img, inpainting, PAG, ...)
+    of a family map to it. SD 2.x counts as ``"sd"`` and SD3.5 as ``"sd3"``. Raises
+    :class:`UnsupportedModelError` for any other pipeline.
+    """
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        raise UnsupportedModelError(f"expected a diffusers pipeline, got {type(pipe).__name__}")
+    transformer, unet = components.get("transformer"), components.get("unet")
+    if isinstance(transformer, FluxTransformer2DModel):
+        return "flux"
+    if isinstance(transformer, SD3Transformer2DModel):
+        return "sd3"
+    if isinstance(unet, UNet2DConditionModel):
+        config = unet.config
+        if config.get("addition_embed_type") == "text_time" and components.get("text_encoder_2") is not None:
+            return "sdxl"
+        if (
+            config.get("addition_embed_type") is None
+            and config.get("encoder_hid_dim") is None
+            and components.get("text_encoder") is not None
+            and components.get("text_encoder_2") is None
+        ):
+            return "sd"
+    denoiser = next((type(m).__name__ for m in (transformer, unet) if m is not None), "none")
+    raise UnsupportedModelError(
+        f"{type(pipe).__name__} (denoiser {denoiser}) is not a supported model family; "
+        f"attnctrl supports Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 and FLUX pipelines"
+    )
