@@ -10,6 +10,10 @@ import functools
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and with other processes on the same cores
+# OpenMP threads waiting on each other make every run 10-100x slower.
+torch.set_num_threads(1)
+
 FAMILY_MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"]
 
 

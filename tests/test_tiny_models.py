@@ -26,16 +26,6 @@ COMMON_WORDS = (
 ).split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; with other processes on the same cores,
-    OpenMP threads waiting on each other make each run 10-100x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(pipe, name: str, **kwargs) -> torch.Tensor:
     call = dict(num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
     call.update(TINY_DEFAULTS[name])

@@ -8,6 +8,8 @@ the joint softmax is renormalised over the text tokens, so every map is a distri
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..control import Control
@@ -30,7 +32,12 @@ class AttentionMaps(Control):
     result_key = "maps"
     observes_only = True
 
-    def __init__(self, layers: SelectorLike | None = None, resolutions=None, steps=None):
+    def __init__(
+        self,
+        layers: SelectorLike | None = None,
+        resolutions: int | Sequence[int] | None = None,
+        steps=None,
+    ):
         if resolutions is not None:
             res = "|".join(str(int(r)) for r in ([resolutions] if isinstance(resolutions, int) else resolutions))
             base = layers if layers is not None else self.default_layers
