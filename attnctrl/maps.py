@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # anchor colours of a perceptual "inferno"-like colormap, low → high
 _CMAP = np.array(
@@ -79,7 +79,11 @@ class AttentionMapResult:
         from .tokens import joint_text_indices
 
         pipe = self._pipeline
-        return joint_text_indices(pipe.pipe, self.prompt_of(image), word, pipe.family)
+        if pipe is None:
+            raise ValueError("this result has no pipeline to resolve words with; pass token indices")
+        n_text = next(iter(self.by_res.values())).shape[1]
+        t5_len = {"sd3": n_text - 77, "flux": n_text}.get(pipe.family)
+        return joint_text_indices(pipe.pipe, self.prompt_of(image), word, pipe.family, max_sequence_length=t5_len)
 
     def word(self, image: int, word, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Map (H, W) of a word: the sum of its tokens' maps."""
@@ -103,11 +107,12 @@ class AttentionMapResult:
         maps = self.words(image)
         base = picture.convert("RGB").resize((tile, tile), Image.BICUBIC) if picture is not None else None
         tiles = [("image", base)] if base is not None else []
+        grey = ImageOps.grayscale(base).convert("RGB") if base is not None else None  # heat reads better on grey
         for w, m in maps.items():
             a = m.numpy()
             a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
             heat = Image.fromarray(colorize(a)).resize((tile, tile), Image.BICUBIC)
-            tiles.append((w, Image.blend(base, heat, alpha) if base is not None else heat))
+            tiles.append((w, Image.blend(grey, heat, alpha) if grey is not None else heat))
         return _grid(tiles, tile, title=self.prompt_of(image))
 
     def save(self, path: str | Path, image: int = 0, picture: Image.Image | None = None) -> Path:

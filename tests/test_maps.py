@@ -82,3 +82,16 @@ def test_selector_with_no_match_is_an_error_and_leaves_pipeline_alone(tiny):
     with pytest.raises(ac.SelectorError, match="res=64"):
         ControlledPipeline(pipe)("a car", seed=0, controls=[ac.AttentionMaps(resolutions=[64])], **call_kwargs("tiny-sd"))
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+@pytest.mark.parametrize("name, prefix", [("tiny-sd3", 77), ("tiny-flux", 0)])
+def test_joint_attention_words_map_to_t5_positions(tiny, name, prefix):
+    """SD3's text tokens are [CLIP 77, T5]; FLUX's are T5 only: a word's map includes its T5 token."""
+    from attnctrl.models.tiny import t5_tokenizer
+
+    out = ControlledPipeline(tiny(name))("a red car", seed=0, controls=[ac.AttentionMaps()], **call_kwargs(name))
+    ids = t5_tokenizer()("a red car").input_ids
+    t5_pos = ids.index(t5_tokenizer().convert_tokens_to_ids("▁car"))
+    combined = out.maps.combined()[0]
+    expected = combined[prefix + t5_pos] + (combined[3] if name == "tiny-sd3" else 0)  # CLIP "car" is index 3
+    assert torch.allclose(out.maps.word(0, "car"), expected)
