@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .state import RunContext, StepState
 
 HOOKS = ("qkv", "bias", "probs", "out")
+_IMPLEMENTS: dict[tuple[type, str], bool] = {}
 
 
 class Control:
@@ -66,8 +67,12 @@ class Control:
         return lo <= state.index < hi
 
     def implements(self, hook: str) -> bool:
-        """Whether this control overrides `hook` (so the processor must call it)."""
-        return getattr(type(self), hook) is not getattr(Control, hook)
+        """Whether this control overrides `hook` (so the processor must call it). Cached per class."""
+        key = (type(self), hook)
+        found = _IMPLEMENTS.get(key)
+        if found is None:
+            found = _IMPLEMENTS[key] = getattr(type(self), hook) is not getattr(Control, hook)
+        return found
 
     def needs_probs(self, call: "AttentionCall") -> bool:
         """Explicit probabilities are computed on a layer only if a control there says so."""

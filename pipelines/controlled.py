@@ -95,6 +95,7 @@ class ControlledPipeline:
         self.adapter = ADAPTERS[self.family]()
         #: call defaults that override the wrapped pipeline's own (e.g. a tiny model's short T5 length)
         self.defaults = dict(defaults or {})
+        self._layers: tuple | None = None
 
     # ---- model facts -------------------------------------------------------------------------
     @property
@@ -102,8 +103,11 @@ class ControlledPipeline:
         return self.pipe.unet if self.family in ("sd", "sdxl") else self.pipe.transformer
 
     def layers(self) -> list[LayerInfo]:
-        """All attention layers of the denoiser (see `attnctrl.layers.LayerInfo`)."""
-        return list_layers(self.denoiser)
+        """All attention layers of the denoiser (see `attnctrl.layers.LayerInfo`), listed once per denoiser."""
+        denoiser = self.denoiser
+        if self._layers is None or self._layers[0] is not denoiser:
+            self._layers = (denoiser, list_layers(denoiser))
+        return list(self._layers[1])
 
     def default_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Image-token grid of the denoiser input for an image of height × width (default size if None)."""
