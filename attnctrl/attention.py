@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .control import Control
 from .layers import LayerInfo
 from .state import RunContext
 

@@ -22,7 +22,7 @@ Examples: ``"cross,res=16"``, ``"self,up,heads=0|1"``, ``"mid"``, ``"down_blocks
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
 from .layers import LayerInfo

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import os
 import platform
-import re
 import statistics
 import sys
-import threading
 import time
 
 # Must be set before torch loads OpenMP. With the default (spinning) wait policy, 2+ torch threads on
@@ -41,190 +37,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from memory import PeakMemory  # noqa: E402  (bench/ is on sys.path when run as a script)
+from models import build  # noqa: E402
 
 VARIANTS = ("stock", "controlled", "maps")
 PROMPT = "a red car and a white sheep"
-
-
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
-def build_sd15_random(scheduler: str = "pndm"):
-    """SD 1.5 architecture with random weights (seeded), our offline CLIP tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from attnctrl.models.tiny import clip_tokenizer
-
-    tokenizer = clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            cross_attention_dim=768,
-            norm_num_groups=32,
-            act_fn="silu",
-            center_input_sample=False,
-            downsample_padding=1,
-            flip_sin_to_cos=True,
-            freq_shift=0,
-            mid_block_scale_factor=1,
-            norm_eps=1e-5,
-        ).eval()
-        torch.manual_seed(1)
-        text_encoder = CLIPTextModel(  # openai/clip-vit-large-patch14 text tower
-            CLIPTextConfig(
-                vocab_size=max(49408, len(tokenizer)),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-                layer_norm_eps=1e-5,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
-        torch.manual_seed(2)
-        vae = AutoencoderKL(  # SD 1.5 vae/config.json
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        ).eval()
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    if scheduler == "pndm":
-        sched = PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
-    else:
-        sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
-
-
-def build(model: str, scheduler: str):
-    if model == "sd15-random":
-        return build_sd15_random(scheduler)
-    from attnctrl.models.tiny import build_tiny
-
-    return build_tiny(model)
-
-
-# ---------------------------------------------------------------------------------------------
-# memory
-# ---------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _can_reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-class _Sampler:
-    """Fallback: peak of psutil RSS sampled every `interval` s by a thread (torch ops release the GIL)."""
-
-    def __init__(self, interval: float = 0.002):
-        import psutil
-
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-class PeakMemory:
-    """Peak memory a run adds on top of what was live when it started, in MiB.
-
-    CUDA: ``torch.cuda.max_memory_allocated()`` (reset before the run) minus ``memory_allocated()``
-    at the start: tensors only, excluding the caching allocator's reserve.
-    CPU (Linux): the kernel's exact peak RSS. Before the run: ``gc.collect()``, glibc
-    ``malloc_trim(0)`` (so memory freed by earlier runs is returned to the OS and cannot hide this
-    run's allocations), then ``/proc/self/clear_refs`` <- 5 resets VmHWM to the current RSS; after
-    the run: VmHWM - VmRSS(start). Includes everything the process touched during the run (torch,
-    numpy, PIL, Python objects). Fallback where VmHWM cannot be reset: the peak of psutil RSS
-    sampled every 2 ms (may miss short spikes).
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.hwm = not self.cuda and _can_reset_hwm()
-        if self.cuda:
-            self.method = "CUDA max_memory_allocated - memory_allocated at start (tensors only)"
-        elif self.hwm:
-            self.method = "CPU peak RSS - RSS at start (kernel VmHWM, reset per run via /proc/self/clear_refs; after gc + malloc_trim)"
-        else:
-            self.method = "CPU peak RSS - RSS at start (psutil sampled every 2 ms; may miss short spikes)"
-
-    @contextlib.contextmanager
-    def measure(self, out: dict):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            yield
-            torch.cuda.synchronize()
-            out["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        elif self.hwm:
-            _malloc_trim()
-            base = _status_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            yield
-            out["peak_mib"] = (_status_kib("VmHWM") - base) / 1024
-        else:
-            _malloc_trim()
-            with _Sampler() as s:
-                base = s.peak
-                yield
-            out["peak_mib"] = (s.peak - base) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +171,7 @@ def micro_maps(cp, args, device, dtype) -> None:
     layers = {li.name: li for li in cp.layers() if li.name in plan}
     cfg = args.guidance_scale > 1
     run = RunContext(family=cp.family, layout=BatchLayout.build(1, cfg), grid=grid, state=StepState(0, 999.0, 1))
-    text_len, text_dim = 77, cp.pipe.unet.config.cross_attention_dim
+    text_len = 77
     g = torch.Generator("cpu").manual_seed(0)
     print(f"\n-- maps path per layer call, real shapes (batch {run.layout.size}, {text_len} text tokens), mean of 20 calls:")
     total = {"sdpa": 0.0, "probs": 0.0, "maps": 0.0}
@@ -465,9 +282,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
 
-    from diffusers.utils import logging as dlog
-
     from attnctrl.pipelines import ControlledPipeline
+    from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
     t0 = time.perf_counter()
