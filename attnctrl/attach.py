@@ -54,10 +54,7 @@ def _grid(family: str, pipe, x: torch.Tensor, kwargs: dict) -> tuple[int, int]:
 
 
 def _step_index(scheduler, t: float) -> int:
-    ts = scheduler.timesteps.float()
-    if ts.max() > 1.5 and t <= 1.0 + 1e-6:  # FLUX passes timestep / 1000
-        t = t * 1000.0
-    return int((ts - t).abs().argmin())
+    return int((scheduler.timesteps.float() - t).abs().argmin())
 
 
 @contextmanager
@@ -88,6 +85,8 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         tv = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if family == "flux":
+            tv *= 1000.0  # FLUX's pipeline passes timestep / 1000; StepState uses the scheduler's scale
         cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
         if family == "flux":
             cfg = False  # FLUX's true-CFG pass is a separate call; both passes are read as "cond"

@@ -175,12 +175,6 @@ def _load(model: str | None):
     return ac.load(_model_key(model))
 
 
-def _tiny_defaults(model: str | None) -> dict[str, Any]:
-    from attnctrl.models.tiny import TINY_DEFAULTS
-
-    return dict(TINY_DEFAULTS.get(_model_key(model).lower(), {}))
-
-
 def _check_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise CLIError("the prompt is empty: give a text prompt describing the image")
@@ -323,8 +317,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for key, value in (("height", args.height), ("width", args.width), ("negative_prompt", args.negative)):
             if value is not None:
                 kw[key] = value
-        extra = {k: v for k, v in _tiny_defaults(args.model).items() if k in defaults}
-        kw.update(extra)
+        extra = dict(pipe.defaults)  # an embedded model's call defaults (applied by the pipeline itself)
 
         result = pipe(args.prompt, controls=controls, seed=seed, **kw)
 
@@ -412,7 +405,7 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
 
     _check_prompt(args.prompt)
     pipe = _load(args.model)
-    msl = _tiny_defaults(args.model).get("max_sequence_length")
+    msl = pipe.defaults.get("max_sequence_length")
     text = format_table(token_tables(pipe, args.prompt, family=pipe.family, max_sequence_length=msl))
     lines = [text]
     for word in args.word:

@@ -74,3 +74,28 @@ def test_controlled_pipeline_restores_after_exception(tiny):
     with pytest.raises(RuntimeError, match="boom"):
         ControlledPipeline(pipe)(PROMPT, seed=0, controls=[Boom()], **call_kwargs("tiny-sdxl"))
     assert all(processors_of(pipe)[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_attach_step_state_matches_the_loop(tiny, name):
+    """Under attach, the pre-forward hook derives the same StepState the ControlledPipeline loop sets."""
+
+    class Steps(Control):
+        default_layers = "cross"
+
+        def begin(self, run):
+            self.seen = []
+
+        def qkv(self, call):
+            s = call.run.state
+            self.seen.append((s.index, round(s.timestep, 3), s.num_steps))
+
+    pipe = tiny(name)
+    kw = call_kwargs(name, num_inference_steps=4)
+    spy = Steps()
+    with ac.attach(pipe, [spy]):
+        stock_latents(pipe, PROMPT, **kw)
+    attached = sorted(set(spy.seen))
+    ControlledPipeline(pipe)(PROMPT, seed=0, controls=[spy], **kw)
+    assert attached == sorted(set(spy.seen))
+    assert [s[0] for s in attached] == [0, 1, 2, 3]
