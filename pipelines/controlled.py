@@ -41,9 +41,6 @@ class ControlledOutput:
     results: dict = field(default_factory=dict)
     nsfw_content_detected: Any = None
 
-    def __iter__(self):  # `images, = out` style unpacking like diffusers' tuples
-        return iter((self.images,))
-
 
 def _check_prompt(kw: dict) -> None:
     prompt = kw.get("prompt")

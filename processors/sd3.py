@@ -6,6 +6,8 @@ image-only layer `attn2` (kind "self"), called without text.
 """
 from __future__ import annotations
 
+import torch
+
 from attnctrl.attention import AttentionCall, active_chain, attend
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext
@@ -48,9 +50,9 @@ class SD3JointAttnProcessor:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
-            query = torch_cat(query, eq)
-            key = torch_cat(key, ek)
-            value = torch_cat(value, ev)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
 
         text = slice(n_img, n_img + n_txt) if n_txt else None
         call = AttentionCall(
@@ -81,9 +83,3 @@ class SD3JointAttnProcessor:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
-
-def torch_cat(a, b):
-    """Concatenate along the token axis of (B, H, L, D) tensors."""
-    import torch
-
-    return torch.cat([a, b], dim=2)
