@@ -6,7 +6,7 @@
 """
 from .attach import attach
 from .control import Control
-from .controls import AttentionMaps
+from .controls import PAG, AttentionMaps, HeadPerturbation
 from .layers import LayerInfo
 from .maps import AttentionMapResult
 from .plan import CompositionError
@@ -40,6 +40,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "attach", "Control", "AttentionMaps", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
+    "load", "attach", "Control", "AttentionMaps", "HeadPerturbation", "PAG", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
     "LayerInfo", "Selector", "SelectorError", "CompositionError", "BatchLayout", "RunContext", "StepState",
 ]

@@ -74,6 +74,10 @@ class Control:
             found = _IMPLEMENTS[key] = getattr(type(self), hook) is not getattr(Control, hook)
         return found
 
+    def check_layers(self, picked: list) -> None:
+        """Validate the layers a selector picked (``[(LayerInfo, heads), ...]``); raise ValueError if unfit."""
+        return None
+
     def needs_probs(self, call: "AttentionCall") -> bool:
         """Explicit probabilities are computed on a layer only if a control there says so."""
         return self.implements("probs")

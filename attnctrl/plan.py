@@ -37,7 +37,9 @@ def build_plan(
     for control in controls:
         if not any(control.implements(h) for h in HOOKS):
             continue
-        for layer, heads in select(layers, control.layers, grid, owner=type(control).__name__):
+        picked = select(layers, control.layers, grid, owner=type(control).__name__)
+        control.check_layers(picked)
+        for layer, heads in picked:
             plan.setdefault(layer.name, []).append((control, heads))
     for name, entries in plan.items():
         names = [c.name for c, _ in entries]

@@ -38,12 +38,15 @@ from typing import Any, Literal, Union
 from ..control import Control
 from ..selectors import Selector
 from .maps import AttentionMaps
+from .perturbation import PAG, HeadPerturbation
 
 __all__ = ["CONTROLS", "ControlArgError", "register", "parse_control", "parse_kwargs", "control_params", "control_name"]
 
 #: Controls by CLI name. Add a control here (or call `register`) to expose it in the CLI and app.
 CONTROLS: dict[str, type[Control]] = {
     "maps": AttentionMaps,
+    "pag": PAG,
+    "heads": HeadPerturbation,
 }
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")

@@ -1,0 +1,179 @@
+"""Attention-perturbation guidance: `HeadPerturbation` (SoftPAG, per head) and `PAG`.
+
+PAG (Ahn et al., ECCV 2024, Eq. 9-11): a perturbed branch whose self-attention map is replaced by
+the identity, and guidance ``ε = ε_u + w(ε_c − ε_u) + s(ε_c − ε_ptb)`` (``ε_c + s(ε_c − ε_ptb)``
+without CFG), with the adaptive scale ``s(t) = max(0, s − s_a·(1000 − t))`` of diffusers' PAG.
+
+HeadHunter / SoftPAG ("Fine-Grained Perturbation Guidance via Attention Head Selection", 2025,
+Eq. 5): perturb only selected heads, softly: ``A' = (1 − u)·A + u·I``. Since ``I·V = V`` the
+perturbed output is ``(1 − u)·SDPA(q, k, v) + u·v`` per head — no probability matrix is formed.
+``kind="uniform"`` uses ``A' = (1 − u)·A + u·U`` with ``U`` uniform over the keys (``U·V`` = mean of V).
+
+SD3/FLUX joint attention: the image→image block is perturbed, as diffusers' SD3 PAG does — the
+perturbed image queries attend to themselves among the image tokens and to the text tokens as
+before (an additive mask on that branch); text queries are unchanged.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..control import Control
+from ..selectors import SelectorLike
+
+HeadSpec = Union[str, Path, SelectorLike, Sequence[tuple], dict]
+KINDS = ("identity", "uniform")
+
+
+def head_selectors(heads: HeadSpec) -> list[str]:
+    """Normalise a head specification to selector strings.
+
+    Accepts selector strings (``"mid,heads=0|1"``), ``(layer name, head)`` pairs, a dict
+    ``{layer name: [heads]}``, or the path of a JSON file holding either of the last two
+    (as written by ``attnctrl heads search``: ``{"heads": [[layer, head], ...]}``).
+    """
+    if isinstance(heads, Path) or (isinstance(heads, str) and heads.endswith(".json")):
+        path = Path(heads)
+        if not path.is_file():
+            raise ValueError(f"head file {str(path)!r} does not exist")
+        data = json.loads(path.read_text())
+        heads = data.get("heads", data) if isinstance(data, dict) else data
+        if isinstance(heads, list):
+            heads = [tuple(h) for h in heads]
+    if isinstance(heads, str):
+        return [heads]
+    if isinstance(heads, dict):
+        heads = [(layer, h) for layer, hs in heads.items() for h in ([hs] if isinstance(hs, int) else hs)]
+    heads = list(heads)
+    if not heads:
+        raise ValueError("no heads given to perturb")
+    if all(isinstance(h, str) for h in heads):
+        return heads
+    grouped: dict[str, set[int]] = {}
+    for item in heads:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
+            raise ValueError(f"expected (layer name, head index) pairs, got {item!r}")
+        if item[1] < 0:
+            raise ValueError(f"head index must be >= 0, got {item!r}")
+        grouped.setdefault(item[0], set()).add(item[1])
+    return [f"name={layer},heads={'|'.join(map(str, sorted(hs)))}" for layer, hs in grouped.items()]
+
+
+class HeadPerturbation(Control):
+    """Soft perturbed-attention guidance on selected self-attention heads (HeadHunter / SoftPAG).
+
+    Args:
+        heads: which heads: selectors with ``heads=``, (layer, head) pairs, a dict, or a JSON file.
+        scale: guidance scale s (≥ 0).
+        softness: u in [0, 1]: 0 leaves the heads alone, 1 replaces their map by I (or U).
+        kind: "identity" (A → I) or "uniform" (A → U).
+        adaptive_scale: s_a, giving s(t) = max(0, s − s_a·(1000 − t)).
+        steps: (start, stop) steps where guidance applies (ints or fractions).
+    """
+
+    name = "perturbation"
+    default_layers = "self"
+
+    def __init__(
+        self,
+        heads: HeadSpec,
+        scale: float = 3.0,
+        softness: float = 1.0,
+        kind: str = "identity",
+        adaptive_scale: float = 0.0,
+        steps=None,
+    ):
+        if not (isinstance(scale, (int, float)) and scale >= 0):
+            raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+        if not (isinstance(softness, (int, float)) and 0.0 <= softness <= 1.0):
+            raise ValueError(f"softness must be in [0, 1], got {softness!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not (isinstance(adaptive_scale, (int, float)) and adaptive_scale >= 0):
+            raise ValueError(f"adaptive_scale must be a number >= 0, got {adaptive_scale!r}")
+        super().__init__(layers=head_selectors(heads), steps=steps)
+        self.scale, self.softness, self.kind, self.adaptive_scale = float(scale), float(softness), kind, float(adaptive_scale)
+
+    # ---- where ---------------------------------------------------------------------------------
+    def check_layers(self, picked) -> None:
+        bad = [layer.name for layer, _ in picked if not layer.has_part("self")]
+        if bad:
+            raise ValueError(f"{type(self).__name__} perturbs self-attention; not self-attention: {', '.join(bad)}")
+
+    def branches(self):
+        return ("perturbed",) if self.scale > 0 else ()
+
+    # ---- attention -----------------------------------------------------------------------------
+    def _weights(self, call, o: torch.Tensor) -> torch.Tensor:
+        """u per head, shaped (1, H, 1, 1): `softness` on the selected heads, 0 elsewhere."""
+        u = torch.zeros(o.shape[1], dtype=o.dtype, device=o.device)
+        u[sorted(call.heads) if call.heads is not None else slice(None)] = self.softness
+        return u.view(1, -1, 1, 1)
+
+    def _perturbed(self, call, rows: slice) -> torch.Tensor:
+        """The fully perturbed output (u = 1) of the perturbed rows, without explicit probabilities."""
+        q, k, v = call.q[rows], call.k[rows], call.v[rows]
+        if self.kind == "uniform":
+            return v.mean(dim=2, keepdim=True).expand(-1, -1, q.shape[2], -1)
+        if call.k_text is None:  # pure self-attention: I·V = V
+            return v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_identity_mask(call, q))
+
+    def out(self, call, o: torch.Tensor) -> torch.Tensor:
+        layout = call.run.layout
+        if not layout.has("perturbed") or self.softness == 0.0:
+            return o
+        rows = layout.rows("perturbed")
+        u = self._weights(call, o)
+        mixed = (1 - u) * o[rows] + u * self._perturbed(call, rows)
+        o = o.clone()
+        o[rows] = mixed
+        return o
+
+    # ---- guidance ------------------------------------------------------------------------------
+    def scale_at(self, timestep: float) -> float:
+        """s(t) = max(0, s − s_a·(1000 − t)) (diffusers' `pag_adaptive_scale`)."""
+        if self.adaptive_scale == 0.0:
+            return self.scale
+        return max(0.0, self.scale - self.adaptive_scale * (1000 - timestep))
+
+    def combine(self, preds, state, guided):
+        if "perturbed" not in preds or not self.active(state):
+            return guided
+        return guided + self.scale_at(state.timestep) * (preds["cond"] - preds["perturbed"])
+
+
+def _identity_mask(call, q: torch.Tensor) -> torch.Tensor:
+    """Additive mask for joint attention: image queries see only themselves among image keys."""
+    key = ("identity-mask", q.shape[2], call.q_image.start, call.q_image.stop, q.dtype, q.device)
+    store = call.run.store
+    mask = store.get(key)
+    if mask is None:
+        n = q.shape[2]
+        img = call.q_image
+        mask = torch.zeros(n, n, dtype=q.dtype, device=q.device)
+        mask[img, img] = float("-inf")
+        mask[img, img].fill_diagonal_(0)
+        store[key] = mask
+    return mask
+
+
+class PAG(HeadPerturbation):
+    """Perturbed-Attention Guidance (Ahn et al. 2024): every head of the chosen self-attention layers, u = 1.
+
+    Args:
+        layers: module paths as in diffusers' ``pag_applied_layers`` (``"mid"``, ``"up_blocks.1"``,
+            ``"down_blocks.2.attentions.0"``, ``"transformer_blocks.7"``), matched on whole dotted
+            segments (``blocks.1`` never selects ``blocks.10``); self-attention layers only.
+        scale: s. adaptive_scale: s_a. steps: step range.
+    """
+
+    name = "pag"
+
+    def __init__(self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None):
+        items = [layers] if isinstance(layers, str) else list(layers)
+        super().__init__([f"{item},self" for item in items], scale=scale, softness=1.0, adaptive_scale=adaptive_scale, steps=steps)
