@@ -32,7 +32,7 @@ KINDS = ("identity", "uniform")
 def head_selectors(heads: HeadSpec) -> list[str]:
     """Normalise a head specification to selector strings.
 
-    Accepts selector strings (``"mid,heads=0|1"``), ``(layer name, head)`` pairs, a dict
+    Accepts selector strings (``"mid,heads=0|1"``: their self-attention layers), ``(layer name, head)`` pairs, a dict
     ``{layer name: [heads]}``, or the path of a JSON file holding either of the last two
     (as written by ``attnctrl heads search``: ``{"heads": [[layer, head], ...]}``).
     """
@@ -45,14 +45,14 @@ def head_selectors(heads: HeadSpec) -> list[str]:
         if isinstance(heads, list):
             heads = [tuple(h) for h in heads]
     if isinstance(heads, str):
-        return [heads]
+        heads = [heads]
     if isinstance(heads, dict):
         heads = [(layer, h) for layer, hs in heads.items() for h in ([hs] if isinstance(hs, int) else hs)]
     heads = list(heads)
     if not heads:
         raise ValueError("no heads given to perturb")
-    if all(isinstance(h, str) for h in heads):
-        return heads
+    if all(isinstance(h, str) for h in heads):  # selectors: only their self-attention layers
+        return [f"{h},self" for h in heads]
     grouped: dict[str, set[int]] = {}
     for item in heads:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
@@ -176,4 +176,4 @@ class PAG(HeadPerturbation):
 
     def __init__(self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None):
         items = [layers] if isinstance(layers, str) else list(layers)
-        super().__init__([f"{item},self" for item in items], scale=scale, softness=1.0, adaptive_scale=adaptive_scale, steps=steps)
+        super().__init__(items, scale=scale, softness=1.0, adaptive_scale=adaptive_scale, steps=steps)
