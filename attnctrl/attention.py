@@ -60,10 +60,18 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
     return logits.softmax(dim=-1).to(q.dtype)
 
 
-def _sdpa(call: AttentionCall, bias: torch.Tensor | None) -> torch.Tensor:
+def _sdpa(call: AttentionCall, bias: torch.Tensor | None, skip: slice | None = None) -> torch.Tensor:
+    """SDPA over the batch; rows in `skip` (whose output a control replaces whole) are left at zero."""
     default_scale = call.q.shape[-1] ** -0.5
     scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale
-    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, dropout_p=0.0, scale=scale)
+    if skip is None:
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, dropout_p=0.0, scale=scale)
+    out = call.q.new_zeros(call.q.shape[:-1] + call.v.shape[-1:])
+    for rows in (slice(0, skip.start), slice(skip.stop, call.batch)):
+        if rows.stop > rows.start:
+            b = bias[rows] if bias is not None and bias.dim() == 4 and bias.shape[0] == call.batch else bias
+            out[rows] = F.scaled_dot_product_attention(call.q[rows], call.k[rows], call.v[rows], attn_mask=b, dropout_p=0.0, scale=scale)
+    return out
 
 
 def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
@@ -92,7 +100,12 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
         # observers only (e.g. maps): the output stays SDPA's, bit for bit
         o = _sdpa(call, bias) if all(c.observes_only for c, _ in readers) else torch.matmul(p, call.v)
     else:
-        o = _sdpa(call, bias)
+        skip = None
+        for control, heads in chain:
+            if control.implements("replaced_rows"):
+                call.heads = heads
+                skip = control.replaced_rows(call) or skip
+        o = _sdpa(call, bias, skip)
     for control, heads in chain:
         if control.implements("out"):
             call.heads = heads

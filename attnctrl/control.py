@@ -9,6 +9,7 @@ Attention level (called by the processors, for the layers the control selected):
     bias(call)         return an additive logits mask (broadcastable to B×H×Lq×Lk) or None.
     probs(call, p)     read/edit explicit probabilities; only called when `needs_probs(call)`.
     out(call, o)       edit the per-head output (B×H×Lq×D), e.g. perturbation (1−u)·o + u·v.
+    replaced_rows(call) rows whose output `out` will replace whole (they are not computed).
 Loop level (called by `ControlledPipeline`):
     branches()                          extra batch branches, e.g. ``["perturbed"]``.
     branch_source(branch)               which conditioning a branch uses ("cond" or "uncond").
@@ -94,6 +95,10 @@ class Control:
 
     def out(self, call: "AttentionCall", o: "torch.Tensor") -> "torch.Tensor":
         return o
+
+    def replaced_rows(self, call: "AttentionCall") -> "slice | None":
+        """Batch rows whose attention output `out` replaces whole: the layer skips computing them."""
+        return None
 
     # ---- loop-level hooks -----------------------------------------------------------------------
     def branches(self) -> Sequence[str]:

@@ -123,15 +123,25 @@ class HeadPerturbation(Control):
             return v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_identity_mask(call, q))
 
+    def replaced_rows(self, call) -> slice | None:
+        """With u = 1 on every head, the perturbed rows' attention is never needed: skip it."""
+        if self.softness == 1.0 and call.heads is None and call.run.layout.has("perturbed"):
+            return call.run.layout.rows("perturbed")
+        return None
+
     def out(self, call, o: torch.Tensor) -> torch.Tensor:
         layout = call.run.layout
         if not layout.has("perturbed") or self.softness == 0.0:
             return o
         rows = layout.rows("perturbed")
-        u = self._weights(call, o)
-        mixed = (1 - u) * o[rows] + u * self._perturbed(call, rows)
-        o = o.clone()
-        o[rows] = mixed
+        perturbed = self._perturbed(call, rows)
+        if torch.is_grad_enabled():
+            o = o.clone()  # keep autograd's saved tensors intact; otherwise edit the fresh output in place
+        if self.replaced_rows(call) is not None:
+            o[rows] = perturbed
+        else:
+            u = self._weights(call, o)
+            o[rows] = (1 - u) * o[rows] + u * perturbed
         return o
 
     # ---- guidance ------------------------------------------------------------------------------
