@@ -170,3 +170,13 @@ def test_heads_from_json_file(tiny, tmp_path):
 def test_bad_input(tiny, kwargs, error, message):
     with pytest.raises(error, match=message):
         ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.HeadPerturbation(**kwargs)], **call_kwargs("tiny-sd"))
+
+
+def test_outside_the_step_range_guidance_is_off(tiny):
+    kw = call_kwargs("tiny-sd", num_inference_steps=4)
+    stock = stock_latents(tiny("tiny-sd"), PROMPT, **kw)
+    never = ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.PAG("mid", steps=(0, 0))], **kw)
+    late = ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.PAG("mid", steps=(2, 4))], **kw)
+    full = ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.PAG("mid")], **kw)
+    assert (never.images - stock).abs().max().item() <= 1e-5
+    assert (late.images - stock).abs().max().item() > 1e-4 and (late.images - full.images).abs().max().item() > 1e-4
