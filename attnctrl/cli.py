@@ -197,8 +197,9 @@ class _Outputs:
     """Output files reserved before generating: each is a temp file in its target's directory,
     renamed over the target only when everything was written (no half-written results)."""
 
-    def __init__(self, targets: Sequence[Path]):
+    def __init__(self, targets: Sequence[Path], suffix: str = ".png", why: str = "parameters are stored as PNG metadata"):
         self.targets = [Path(p) for p in targets]
+        self.suffix, self.why = suffix, why
         self.temps: list[Path] = []
         seen = set()
         for p in self.targets:
@@ -213,10 +214,9 @@ class _Outputs:
             self.discard()
             raise
 
-    @staticmethod
-    def _reserve(path: Path) -> Path:
-        if path.suffix.lower() != ".png":
-            raise CLIError(f"output {str(path)!r} must end in .png (parameters are stored as PNG metadata)")
+    def _reserve(self, path: Path) -> Path:
+        if path.suffix.lower() != self.suffix:
+            raise CLIError(f"output {str(path)!r} must end in {self.suffix} ({self.why})")
         parent = path.parent
         if not parent.is_dir():
             raise CLIError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")

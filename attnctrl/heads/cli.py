@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-from attnctrl.cli import PROG, CLIError, _float, _load, _model_key, _Parser, _positive_int, _UsageError
+from attnctrl.cli import PROG, CLIError, _float, _load, _model_key, _Outputs, _Parser, _positive_int, _UsageError
 
 
 def _positive_float(text: str) -> float:
@@ -95,22 +93,6 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _reserve_json(path: Path) -> Path:
-    if path.suffix.lower() != ".json":
-        raise CLIError(f"output {str(path)!r} must end in .json (HeadPerturbation(heads=...) reads .json files)")
-    if not path.parent.is_dir():
-        raise CLIError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise CLIError(f"cannot write {str(path)!r}: it is a directory")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8"):
-            pass
-    except OSError as err:
-        raise CLIError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
-    return tmp
-
-
 def _cmd_heads_search(args: argparse.Namespace) -> int:
     from attnctrl.heads.scorers import get_scorer
     from attnctrl.heads.search import candidate_heads, search_heads
@@ -126,7 +108,7 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
     if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise CLIError(f"cache {args.cache!r} is not a directory")
     out = Path(args.output)
-    tmp = _reserve_json(out)
+    outputs = _Outputs([out], suffix=".json", why="HeadPerturbation(heads=...) reads .json files")
     try:
         model = _model_key(args.model)
         pipe = _load(args.model)
@@ -159,12 +141,9 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
         cached = f", {result.cached} read from {result.cache_file}" if result.cached else ""
         print(f"{result.generated} head sets evaluated{cached}; {len(result.heads)} "
               f"head{'s' * (len(result.heads) != 1)}, score {result.score:.6g}")
-        result.to_json(tmp)
-        os.replace(tmp, out)
+        result.to_json(outputs.temps[0])
+        outputs.commit()
     finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        outputs.discard()
     print(out)
     return 0
