@@ -94,11 +94,12 @@ class AttentionMapResult:
         """Map of every word of image `image`'s prompt, in prompt order (repeats as "word#2")."""
         from .tokens import prompt_words
 
+        maps = self.combined(size)[image]  # once, not per word
         out, seen = {}, {}
         for w in prompt_words(self.prompt_of(image)):
             seen[w] = seen.get(w, 0) + 1
             key = w if seen[w] == 1 else f"{w}#{seen[w]}"
-            out[key] = self.word(image, key, size)
+            out[key] = maps[self.token_indices(image, key)].sum(0)
         return out
 
     # ---- rendering ---------------------------------------------------------------------------
