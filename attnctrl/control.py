@@ -79,6 +79,11 @@ class Control:
         """Validate the layers a selector picked (``[(LayerInfo, heads), ...]``); raise ValueError if unfit."""
         return None
 
+    def narrow_layers(self, picked: list, grid: tuple[int, int]) -> list:
+        """Narrow the layers the selector picked (``[(LayerInfo, heads), ...]``) for an input `grid`,
+        e.g. to the one resolution a loss reads. Default: keep them all."""
+        return picked
+
     def needs_probs(self, call: "AttentionCall") -> bool:
         """Explicit probabilities are computed on a layer only if a control there says so."""
         return self.implements("probs")

@@ -37,7 +37,7 @@ def build_plan(
     for control in controls:
         if not any(control.implements(h) for h in HOOKS):
             continue
-        picked = select(layers, control.layers, grid, owner=type(control).__name__)
+        picked = control.narrow_layers(select(layers, control.layers, grid, owner=type(control).__name__), grid)
         control.check_layers(picked)
         for layer, heads in picked:
             plan.setdefault(layer.name, []).append((control, heads))

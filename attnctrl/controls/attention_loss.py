@@ -1,0 +1,230 @@
+"""`AttentionLossControl`: the shared machinery of the latent-optimisation controls.
+
+AttendExcite, AStar and Conform differ only in their loss. This base class
+
+* resolves the subject words of every prompt to token indices before the first step;
+* picks the maps resolution (default: the latent grid / 4, i.e. 16×16 for SD at 512 px and
+  32×32 for SDXL at 1024 px, as the reference's ``attn_res = ceil(width / 32)``) and plans
+  only the cross-attention layers at it;
+* computes explicit probabilities there **only while gradients are on** (the optimisation
+  passes, conditional rows only); the main denoising pass stays on SDPA;
+* averages the maps over those layers and heads per image and hands each image's subject maps
+  to the subclass's `image_loss`;
+* runs `attnctrl.optimizer.LatentOptimizer` in `before_step`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from attnctrl.control import Control
+from attnctrl.losses import smooth, token_maps
+from attnctrl.optimizer import LatentOptimizer
+from attnctrl.tokens import resolve
+
+FAMILIES = ("sd", "sdxl")
+
+
+def parse_thresholds(value: Any, default: dict) -> dict[int, float]:
+    """Refinement thresholds as ``{step: value}`` from a dict, ``"0:0.05,10:0.5"`` or a list of ``"k:v"``.
+
+    None → `default`; ``""`` / ``{}`` / ``[]`` → no refinement."""
+    if value is None:
+        return dict(default)
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        items = []
+        for part in (str(p).strip() for p in parts):
+            if not part:
+                continue
+            key, sep, val = part.partition(":")
+            if not sep:
+                raise ValueError(f"refinement threshold {part!r}: write step:value, e.g. 10:0.5")
+            items.append((key, val))
+    try:
+        return {int(k): float(v) for k, v in items}
+    except (TypeError, ValueError):
+        raise ValueError(f"refinement thresholds must map step indices to numbers, got {value!r}") from None
+
+
+class AttentionLossControl(Control):
+    """Base of controls that optimise the latents against a loss on cross-attention maps.
+
+    Subclasses define `subject_specs()` (the token specs whose maps the loss reads, in order) and
+    `image_loss(maps, image, state)` on the (S, H, W) subject maps of one image.
+    """
+
+    default_layers = "cross"
+    observes_only = False
+
+    def __init__(
+        self,
+        *,
+        resolution: int | None = None,
+        steps: tuple[float, float] | None = (0.0, 0.5),
+        scale_factor: float = 20.0,
+        scale_range: tuple[float, float] = (1.0, 0.5),
+        refinement: dict[int, float | None] | None = None,
+        max_refinement: int = 20,
+        softmax_scale: float | None = 100.0,
+        smoothing: bool = True,
+        kernel_size: int = 3,
+        sigma: float = 0.5,
+        layers=None,
+    ):
+        super().__init__(layers=layers, steps=steps)
+        if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+            raise ValueError(f"resolution must be a positive integer token-grid height, got {resolution!r}")
+        if max_refinement < 0:
+            raise ValueError(f"max_refinement must be >= 0, got {max_refinement}")
+        self.resolution = resolution
+        self.optimizer = LatentOptimizer(scale_factor, tuple(scale_range), dict(refinement or {}), max_refinement)
+        self.softmax_scale = softmax_scale
+        self.smoothing = smoothing
+        self.kernel_size = kernel_size
+        self.sigma = sigma
+        self._run: dict | None = None
+
+    # ---- what subclasses define --------------------------------------------------------------
+    def subject_specs(self) -> list:
+        raise NotImplementedError
+
+    def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt_specs(self, index: int, prompt: str) -> list:
+        """Token specs of prompt number `index` (default: `subject_specs()` for every prompt)."""
+        return self.subject_specs()
+
+    def enabled(self) -> bool:
+        """False when the settings are neutral: then no pass is made and the run equals stock."""
+        return bool(self.subject_specs())
+
+    def wants_update(self, state) -> bool:
+        """Whether step `state` takes a regular latent update (default: inside `steps`)."""
+        return Control.active(self, state)
+
+    def active(self, state) -> bool:
+        # the attention hook works only in the optimiser's gradient passes; the main pass is stock
+        return self._run is not None and torch.is_grad_enabled()
+
+    # ---- layers ------------------------------------------------------------------------------
+    def narrow_layers(self, picked: list, grid: tuple[int, int]) -> list:
+        """Keep the cross-attention layers at the maps resolution (explicit softmax only there)."""
+        if any(layer.kind == "joint" for layer, _ in picked):
+            raise NotImplementedError(self._joint_message("SD3/FLUX"))
+        cross = [(layer, heads) for layer, heads in picked if layer.kind == "cross"]
+        if not cross:
+            raise ValueError(f"{type(self).__name__} needs cross-attention layers; {self.layers!r} picked none")
+        available = sorted({layer.resolution(grid) for layer, _ in cross})
+        want = self.resolution if self.resolution is not None else max(1, grid[0] // 4)
+        if self.resolution is not None and want not in available:
+            raise ValueError(
+                f"{type(self).__name__}: no cross-attention layer at resolution {want}; available: {available}"
+            )
+        res = want if want in available else min(available, key=lambda r: (abs(r - want), -r))
+        return [(layer, heads) for layer, heads in cross if layer.resolution(grid) == res]
+
+    # ---- run lifetime ------------------------------------------------------------------------
+    def begin(self, run) -> None:
+        if not self.enabled():
+            self._run = None
+            return
+        if run.family not in FAMILIES:
+            raise NotImplementedError(self._joint_message(run.family))
+        pipe = run.store["pipeline"].pipe
+        per_prompt = [[resolve(pipe.tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)]
+        images = run.layout.images
+        per_image = [per_prompt[b * len(per_prompt) // images] for b in range(images)]
+        self._run = {"subjects": per_image, "sum": None, "count": 0, "grid": None, "last": None, "previous": None}
+
+    def _joint_message(self, family: str) -> str:
+        return (
+            f"{type(self).__name__} optimises UNet cross-attention maps (SD 1.x/2.x, SDXL); "
+            f"{family} pipelines use joint attention, which it does not support yet"
+        )
+
+    def end(self, run) -> None:
+        self._run = None
+
+    # ---- attention hooks -----------------------------------------------------------------------
+    def needs_probs(self, call) -> bool:
+        return self._run is not None and torch.is_grad_enabled()
+
+    def probs(self, call, p: torch.Tensor) -> torch.Tensor:
+        acc = self._run
+        if acc is None or not torch.is_grad_enabled():
+            return p
+        rows = p[call.run.layout.rows("cond")]
+        if call.heads is not None:
+            rows = rows[:, sorted(call.heads)]
+        part = rows[:, :, call.q_image].sum(1)
+        acc["sum"] = part if acc["sum"] is None else acc["sum"] + part
+        acc["count"] += rows.shape[1]
+        acc["grid"] = call.grid
+        return p
+
+    # ---- the optimisation ----------------------------------------------------------------------
+    def _maps(self) -> torch.Tensor:
+        """(B, H, W, T) maps averaged over the planned layers and heads since the last reset."""
+        acc = self._run
+        if acc["sum"] is None:
+            raise RuntimeError(f"{type(self).__name__}: no cross-attention maps were collected during the pass")
+        h, w = acc["grid"]
+        maps = acc["sum"] / acc["count"]
+        return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
+
+    def subject_maps(self, maps: torch.Tensor, image: int) -> torch.Tensor:
+        """(S, H, W) preprocessed maps of image `image`'s subjects (softmax over text, smoothing)."""
+        subj = token_maps(maps[image], self._run["subjects"][image], softmax_scale=self.softmax_scale)
+        return smooth(subj, self.kernel_size, self.sigma) if self.smoothing else subj
+
+    def _losses(self, z: torch.Tensor, denoise, state) -> torch.Tensor:
+        acc = self._run
+        acc["sum"], acc["count"] = None, 0
+        denoise(z)
+        maps = self._maps()
+        acc["sum"] = None
+        per_image, last = [], []
+        for b in range(maps.shape[0]):
+            subj = self.subject_maps(maps, b)
+            last.append(subj.detach())
+            per_image.append(self.image_loss(subj, b, state))
+        acc["last"] = last
+        return torch.stack(per_image)
+
+    def before_step(self, latents: torch.Tensor, state, denoise) -> torch.Tensor:
+        acc = self._run
+        if acc is None:
+            return latents
+        acc["previous"], acc["last"] = acc["last"], None
+        loss_fn = lambda z: self._losses(z, denoise, state)
+        out = self.optimizer.run(latents, state.index, state.num_steps, loss_fn, self.wants_update(state))
+        if acc["last"] is None and self.measures(state):
+            with torch.enable_grad():  # explicit maps are only computed in gradient passes
+                loss_fn(latents.detach().requires_grad_(True))
+        return out
+
+    def measures(self, state) -> bool:
+        """Whether to measure the maps at a step without an update (for the next step's loss)."""
+        return False
+
+    def previous_maps(self, image: int) -> torch.Tensor | None:
+        """Detached subject maps of `image` from the last measurement of the previous step (or None)."""
+        prev = self._run["previous"] if self._run else None
+        return None if prev is None else prev[image]
+
+
+def as_list(value: Any, what: str) -> list:
+    """A list from a list/tuple, a single item, or None (→ [])."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [value]
+    if isinstance(value, Sequence):
+        return list(value)
+    raise TypeError(f"{what} must be a list, got {value!r}")
