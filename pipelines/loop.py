@@ -81,7 +81,7 @@ def denoise_loop(
         for i, t in enumerate(timesteps):
             if getattr(pipe, "_interrupt", False):
                 continue
-            run.state = StepState(i, t_values[i], prep.num_steps)
+            run.state = StepState(i, t_values[i], len(t_values))  # as `attach` and the reference pipelines count
             for c in updaters:
                 latents = c.before_step(latents, run.state, denoise_cond)
             x = torch.cat([latents] * n) if n > 1 else latents
