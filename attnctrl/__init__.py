@@ -7,6 +7,12 @@
 from .attach import attach
 from .control import Control
 from .controls import PAG, AttentionMaps, HeadPerturbation
+from .controls import AStar, AttendExcite, Conform
+from .controls import AttentionModulation
+from .controls import StructuredGuidance
+from .controls import SharedAttention
+from .controls import IsolationReposition, MutualSelfAttention
+from .inversion import InversionResult, ddim_invert
 from .layers import LayerInfo
 from .maps import AttentionMapResult
 from .plan import CompositionError
@@ -22,12 +28,11 @@ def load(model=None, **kwargs):
     ``ac.load()`` gives the embedded default model; keyword arguments (``torch_dtype``, ``device``)
     go to the loader.
     """
-    from attnctrl.models.loading import DEFAULT_MODEL, load_pipeline
-    from attnctrl.models.tiny import TINY_DEFAULTS
+    from attnctrl.models.loading import DEFAULT_MODEL, EMBEDDED_DEFAULTS, load_pipeline
     from attnctrl.pipelines import ControlledPipeline
 
     name = (DEFAULT_MODEL if model is None else model) if isinstance(model, (str, type(None))) else None
-    defaults = TINY_DEFAULTS.get(name.lower(), {}) if name else {}
+    defaults = EMBEDDED_DEFAULTS.get(name.strip().lower(), {}) if name else {}
     return ControlledPipeline(load_pipeline(model, **kwargs), defaults=defaults)
 
 
@@ -40,6 +45,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "attach", "Control", "AttentionMaps", "HeadPerturbation", "PAG", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
+    "load", "attach", "AttendExcite", "AStar", "Conform", "Control", "AttentionMaps", "AttentionModulation", "StructuredGuidance", "HeadPerturbation", "PAG", "SharedAttention", "IsolationReposition", "MutualSelfAttention", "ddim_invert", "InversionResult", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
     "LayerInfo", "Selector", "SelectorError", "CompositionError", "BatchLayout", "RunContext", "StepState",
 ]

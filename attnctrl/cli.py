@@ -112,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(layers=cross,res=16; several separated by ';'). Put the prompt before --control."
         ),
     )
-    g.add_argument("prompt", metavar="PROMPT", help="text prompt")
+    g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None, help="text prompt (or --prompts FILE)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text file with one prompt per line, generated as one batch (instead of PROMPT)")
+    g.add_argument("--reference-image", default=None, metavar="PATH",
+                   help="style reference image for the shared control (added if absent); it is DDIM-inverted "
+                        "and replaces the reference row (put its prompt at that place)")
+    g.add_argument("--reference-prompt", default=None, metavar="TEXT",
+                   help="prompt used to invert --reference-image (default: the reference row's prompt)")
     g.add_argument("--model", "-m", default=None, help=f"{models} (default: {DEFAULT_MODEL})")
     g.add_argument("--seed", type=_seed, default=None, help="random seed (default: a random one, recorded in the PNG)")
     g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline's)")
@@ -155,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from attnctrl.heads.cli import add_heads_parser
 
     add_heads_parser(sub, models)
+    from attnctrl.app.cli import add_app_parser
+
+    add_app_parser(sub, models)
     return parser
 
 
@@ -183,6 +193,50 @@ def _load(model: str | None):
 def _check_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise CLIError("the prompt is empty: give a text prompt describing the image")
+
+
+def _generate_prompts(args: argparse.Namespace) -> list[str]:
+    """The batch of prompts: PROMPT, or the non-blank lines of --prompts FILE (not both)."""
+    if args.prompts is None:
+        if args.prompt is None:
+            raise CLIError("give a PROMPT or --prompts FILE")
+        _check_prompt(args.prompt)
+        return [args.prompt]
+    if args.prompt is not None:
+        raise CLIError("give either a PROMPT or --prompts FILE, not both")
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise CLIError(f"prompts file {str(path)!r} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"cannot read prompts file {str(path)!r}: {err}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise CLIError(f"prompts file {str(path)!r} is empty: write one prompt per line")
+    return prompts
+
+
+def _set_reference_image(args: argparse.Namespace, specs: list, controls: list, parse_control) -> None:
+    """--reference-image / --reference-prompt go to every shared control (one is added if absent)."""
+    if args.reference_image is None:
+        if args.reference_prompt is not None:
+            raise CLIError("--reference-prompt needs --reference-image")
+        return
+    path = Path(args.reference_image)
+    if not path.is_file():
+        raise CLIError(f"reference image {str(path)!r} does not exist")
+    if not any(name == "shared" for name, _ in specs):
+        specs.append(("shared", []))
+        controls.append(parse_control("shared", []))
+    from attnctrl.controls.shared import _open_image
+
+    image = _open_image(path)
+    if args.reference_prompt is not None and not args.reference_prompt.strip():
+        raise CLIError("--reference-prompt is empty")
+    for (name, _), control in zip(specs, controls):
+        if name == "shared":
+            control.reference_image, control.reference_prompt = image, args.reference_prompt
 
 
 def _one_line(err: BaseException) -> str:
@@ -270,13 +324,17 @@ def _pnginfo(params: dict[str, Any]):
 def reproduce_argv(params: dict[str, Any]) -> list[str]:
     """``attnctrl generate`` arguments that regenerate an image from its ``attnctrl`` PNG metadata
     (the image is number ``image_index`` of the run)."""
-    argv = ["generate", params["prompt"], "--model", params["model"], "--seed", str(params["seed"]),
+    head = ["--prompts", params["prompts_file"]] if params.get("prompts_file") else [params["prompt"]]
+    argv = ["generate", *head, "--model", params["model"], "--seed", str(params["seed"]),
             "--steps", str(params["steps"]), "--guidance", repr(float(params["guidance"])),
             "--height", str(params["height"]), "--width", str(params["width"])]
     if params.get("negative_prompt") is not None:
         argv += ["--negative", params["negative_prompt"]]
     if params.get("num_images", 1) != 1:
         argv += ["--num-images", str(params["num_images"])]
+    for key in ("reference_image", "reference_prompt"):
+        if params.get(key) is not None:
+            argv += ["--" + key.replace("_", "-"), params[key]]
     for c in params.get("controls", []):
         argv += ["--control", c["name"], *(f"{k}={v}" for k, v in c["args"].items())]
     return argv
@@ -293,21 +351,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from attnctrl.controls.registry import parse_control
     from attnctrl.pipelines.adapters.base import call_defaults
 
-    _check_prompt(args.prompt)
+    prompts = _generate_prompts(args)
     specs = [(name.strip().lower(), items) for name, items in args.control]
     controls = [parse_control(name, items) for name, items in specs]
+    _set_reference_image(args, specs, controls, parse_control)
     want_maps = args.maps or args.maps_out is not None or any(name == "maps" for name, _ in specs)
     if want_maps and not any(name == "maps" for name, _ in specs):
         specs.append(("maps", []))
         controls.append(parse_control("maps", []))
 
     n = args.num_images
+    total = n * len(prompts)
     out = Path(args.output)
-    image_paths = [_numbered(out, i, n) for i in range(n)]
+    image_paths = [_numbered(out, i, total) for i in range(total)]
     maps_paths = []
     if want_maps:
         base = Path(args.maps_out) if args.maps_out is not None else None
-        maps_paths = [_numbered(base, i, n) if base else _maps_path(p) for i, p in enumerate(image_paths)]
+        maps_paths = [_numbered(base, i, total) if base else _maps_path(p) for i, p in enumerate(image_paths)]
 
     outputs = _Outputs(image_paths + maps_paths)  # fails here, before any work, if unwritable
     try:
@@ -324,12 +384,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 kw[key] = value
         extra = dict(pipe.defaults)  # an embedded model's call defaults (applied by the pipeline itself)
 
-        result = pipe(args.prompt, controls=controls, seed=seed, **kw)
+        result = pipe(prompts[0] if len(prompts) == 1 else prompts, controls=controls, seed=seed, **kw)
 
         images = result.images
         width, height = images[0].size
         common = {
-            "prompt": args.prompt,
+            "prompt": prompts[0],
+            "prompts_file": args.prompts,
+            "reference_image": args.reference_image,
+            "reference_prompt": args.reference_prompt,
             "negative_prompt": args.negative,
             "model": _model_key(args.model),
             "seed": seed,
@@ -345,7 +408,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "torch_version": torch.__version__,
         }
         for i, img in enumerate(images):
-            params = {**common, "image_index": i}
+            params = {**common, "image_index": i, "prompt": prompts[i // n]}
             params["command"] = shlex.join([PROG, *reproduce_argv(params)])
             info = _pnginfo(params)
             img.save(outputs.temps[i], format="PNG", pnginfo=info)
@@ -353,7 +416,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 if not result.maps:
                     raise CLIError("no attention maps were recorded: the maps control selected no layer that ran")
                 grid = result.maps.render(i, picture=img)
-                grid.save(outputs.temps[n + i], format="PNG", pnginfo=info)
+                grid.save(outputs.temps[total + i], format="PNG", pnginfo=info)
         written = outputs.commit()
     finally:
         outputs.discard()

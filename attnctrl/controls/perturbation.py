@@ -116,7 +116,9 @@ class HeadPerturbation(Control):
 
     def _perturbed(self, call, rows: slice) -> torch.Tensor:
         """The fully perturbed output (u = 1) of the perturbed rows, without explicit probabilities."""
-        q, k, v = call.q[rows], call.k[rows], call.v[rows]
+        # only the layer's own keys: keys appended by another control (e.g. SharedAttention) come after them
+        own = max(s.stop for s in (call.k_image, call.k_text) if s is not None)
+        q, k, v = call.q[rows], call.k[rows, :, :own], call.v[rows, :, :own]
         if self.kind == "uniform":
             return v.mean(dim=2, keepdim=True).expand(-1, -1, q.shape[2], -1)
         if call.k_text is None:  # pure self-attention: I·V = V

@@ -37,8 +37,16 @@ from typing import Any, Literal, Union
 
 from ..control import Control
 from ..selectors import Selector
+from .astar import AStar
+from .conform import Conform
+from .excite import AttendExcite
+from .isolation import IsolationReposition
 from .maps import AttentionMaps
+from .modulation import AttentionModulation
+from .mutual import MutualSelfAttention
 from .perturbation import PAG, HeadPerturbation
+from .shared import SharedAttention
+from .structured import StructuredGuidance
 
 __all__ = ["CONTROLS", "ControlArgError", "register", "parse_control", "parse_kwargs", "control_params", "control_name"]
 
@@ -47,6 +55,14 @@ CONTROLS: dict[str, type[Control]] = {
     "maps": AttentionMaps,
     "pag": PAG,
     "heads": HeadPerturbation,
+    "attend-excite": AttendExcite,
+    "astar": AStar,
+    "conform": Conform,
+    "modulation": AttentionModulation,
+    "shared": SharedAttention,
+    "structured": StructuredGuidance,
+    "isolation": IsolationReposition,
+    "mutual": MutualSelfAttention,
 }
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")

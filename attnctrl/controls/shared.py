@@ -1,0 +1,332 @@
+"""Shared attention across the images of a batch: StyleAligned, and AlignedGen's ShiftPE on FLUX.
+
+StyleAligned (Hertz et al., "Style Aligned Image Generation via Shared Attention", CVPR 2024, §3,
+Eq. 2-4). In self-attention every target image t of a batch also attends to the reference image r:
+
+    Q̂_t = AdaIN(Q_t, Q_r),  K̂_t = AdaIN(K_t, K_r)                         (Eq. 3)
+    AdaIN(x, y) = σ(y)·(x − μ(x))/σ(x) + μ(y)   (per channel, statistics over the tokens)
+    O_t = softmax(Q̂_t·[K̂_t ; s·K_r]ᵀ/√d + [0 ; δ]) · [V_t ; V_r]            (Eq. 4)
+
+and the reference attends only to itself, so its output is that of a run without the control.
+``shared_scale`` is s (the official code's ``shared_score_scale``, multiplying the reference keys
+of target rows), ``score_shift`` is δ (its ``shared_score_shift``: added as is to the logits of the
+reference keys, so pass a log — the official transfer example uses ``log(2)``). Under CFG the
+unconditional and conditional halves are handled separately, each with its own reference row, as
+the official ``expand_first`` does. ``shared_norms`` shares the statistics of the UNet's GroupNorm
+layers the same way (target ⊕ reference feature maps, concatenated along height; the official
+``register_shared_norm``; LayerNorm sharing is omitted: it normalises each token alone, so
+concatenating tokens changes nothing).
+
+AlignedGen (Zhang et al. 2025, "AlignedGen: Aligning Style Across Generated Images", ShiftPE): on
+FLUX the reference image's keys are appended with RoPE positions shifted by the image width along
+x (``ids[:, 2] += width // 16`` in the official code), so they sit beside the target's tokens
+instead of on top of them; AdaIN acts on the image tokens before RoPE, as there. We apply the shift
+to the already rotated keys as one extra rotation by Δ = (0, 0, w) (rotations compose exactly) and
+undo / redo RoPE around AdaIN. SD3 joint attention shares the image tokens the same way, without
+positions.
+
+Reference from a real image: ``reference_image=`` DDIM-inverts it (`attnctrl.inversion`) with the
+reference row's prompt (or ``reference_prompt``) over the run's own timesteps, and before every
+step replaces the reference row's latents with the inverted latents of that step (the official
+``make_inversion_callback``). The reference row is the batch row ``reference``: put the
+reference image's prompt at that place in the prompt list.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..control import Control
+from ..selectors import SelectorLike
+
+_EPS = 1e-5  # the official calc_mean_std's eps
+
+
+def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """AdaIN of `x` toward `ref` (…, tokens, channels): per-channel mean/std over tokens (Eq. 3).
+
+    The std is ``sqrt(var + eps)`` with the unbiased variance, as in the official ``calc_mean_std``.
+    """
+    m, s = x.mean(dim=-2, keepdim=True), (x.var(dim=-2, keepdim=True) + eps).sqrt()
+    mr, sr = ref.mean(dim=-2, keepdim=True), (ref.var(dim=-2, keepdim=True) + eps).sqrt()
+    return (x - m) / s * sr + mr
+
+
+class SharedAttention(Control):
+    """StyleAligned shared self-attention (Hertz et al. 2024); AlignedGen ShiftPE on FLUX.
+
+    Args:
+        reference: index of the reference image within the batch (prompt-major, then
+            num_images_per_prompt); its output is that of a run without the control.
+        adain_queries: AdaIN the targets' queries toward the reference's statistics.
+        adain_keys: AdaIN the targets' keys toward the reference's statistics.
+        adain_values: AdaIN the targets' values too (off in the paper).
+        shared_scale: s, multiplies the reference keys seen by the targets (1: none).
+        score_shift: δ added to the targets' logits of the reference keys (a log, e.g. 0.693 = log 2).
+        shared_norms: also share the UNet's GroupNorm statistics with the reference (SD/SDXL only).
+        layers: self-attention layers that share (default: all).
+        steps: (start, stop) steps where sharing is on (ints or fractions).
+        reference_image: an image (PIL or path) whose style to take; it is DDIM-inverted and
+            becomes the reference row (SD/SDXL; a variance-preserving scheduler such as DDIM).
+        reference_prompt: prompt used to invert reference_image (default: the reference row's prompt).
+        inversion_offset: with reference_image, the reference row uses the inverted latents of step
+            max(i, offset) at step i (the official example's ``offset``; higher = more faithful).
+    """
+
+    name = "shared"
+    default_layers = "self"
+
+    def __init__(
+        self,
+        reference: int = 0,
+        adain_queries: bool = True,
+        adain_keys: bool = True,
+        adain_values: bool = False,
+        shared_scale: float = 1.0,
+        score_shift: float = 0.0,
+        shared_norms: bool = False,
+        layers: SelectorLike | None = None,
+        steps: tuple[float, float] | None = None,
+        reference_image: Any = None,
+        reference_prompt: str | None = None,
+        inversion_offset: int = 0,
+    ):
+        if not isinstance(reference, int) or isinstance(reference, bool) or reference < 0:
+            raise ValueError(f"reference must be an image index >= 0, got {reference!r}")
+        for key, val in (("shared_scale", shared_scale), ("score_shift", score_shift)):
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+                raise ValueError(f"{key} must be a finite number, got {val!r}")
+        if shared_scale < 0:
+            raise ValueError(f"shared_scale must be >= 0, got {shared_scale!r}")
+        if not isinstance(inversion_offset, int) or inversion_offset < 0:
+            raise ValueError(f"inversion_offset must be an integer >= 0, got {inversion_offset!r}")
+        if reference_prompt is not None and (not isinstance(reference_prompt, str) or not reference_prompt.strip()):
+            raise ValueError("reference_prompt must be a non-empty string")
+        super().__init__(layers=layers, steps=steps)
+        self.reference = reference
+        self.adain_queries, self.adain_keys, self.adain_values = bool(adain_queries), bool(adain_keys), bool(adain_values)
+        self.shared_scale, self.score_shift = float(shared_scale), float(score_shift)
+        self.shared_norms = bool(shared_norms)
+        self.reference_image = _open_image(reference_image)
+        self.reference_prompt = reference_prompt
+        self.inversion_offset = inversion_offset
+
+    # ---- where ---------------------------------------------------------------------------------
+    def check_layers(self, picked) -> None:
+        bad = [layer.name for layer, _ in picked if not layer.has_part("self")]
+        if bad:
+            raise ValueError(f"SharedAttention shares self-attention; not self-attention: {', '.join(bad)}")
+        heads = [layer.name for layer, h in picked if h is not None]
+        if heads:
+            raise ValueError(f"SharedAttention shares whole layers; remove the heads= restriction ({', '.join(heads)})")
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def begin(self, run) -> None:
+        pipeline = run.store.get("pipeline")
+        if pipeline is not None:  # under ac.attach the batch is only known at the first denoiser call
+            self._check_reference(run.layout.images)
+        elif run.family == "flux" or self.reference_image is not None or self.shared_norms:
+            raise NotImplementedError(
+                "SharedAttention on FLUX, with reference_image or with shared_norms needs a ControlledPipeline "
+                "(ac.load(...) or ControlledPipeline(pipe)), not ac.attach"
+            )
+        store: dict = {"rows": {}, "bias": {}, "hooks": []}
+        run.store[self] = store
+        if run.family == "flux" and pipeline is not None:
+            pos_embed = pipeline.denoiser.pos_embed
+            device = next(pipeline.denoiser.parameters()).device
+            ids = torch.tensor([[0.0, 0.0, float(run.grid[1])]], device=device)
+            store["shift"] = pos_embed(ids)  # rotation by Δ = (0, 0, w): ShiftPE
+        if self.reference_image is not None:
+            self._trajectory = self._invert(run, pipeline)
+        if self.shared_norms:
+            if run.family not in ("sd", "sdxl"):
+                raise ValueError(f"shared_norms shares UNet GroupNorm statistics; {run.family} has no GroupNorm layers")
+            if pipeline is None:
+                raise ValueError("shared_norms needs a ControlledPipeline run")
+            self._install_norm_hooks(run, pipeline.denoiser, store)
+
+    def end(self, run) -> None:
+        self._trajectory = None
+        store = run.store.pop(self, None)
+        if store:
+            for handle in store["hooks"]:
+                handle.remove()
+
+    def _check_reference(self, images: int) -> None:
+        if self.reference >= images:
+            raise ValueError(
+                f"SharedAttention reference={self.reference} is outside the batch of {images} image(s) "
+                f"(valid: 0..{images - 1}); give more prompts or a smaller reference index"
+            )
+
+    # ---- batch rows ----------------------------------------------------------------------------
+    def _rows(self, run, device) -> dict | None:
+        """Per layout: `ref_of` (row → its branch's reference row), `targets`, `is_ref`; None if < 2 images."""
+        layout = run.layout
+        if layout.images < 2:
+            return None
+        cache = run.store[self]["rows"]
+        key = (layout, device)
+        rows = cache.get(key)
+        if rows is None:
+            n = layout.images
+            self._check_reference(n)
+            ref_of = torch.tensor([(i // n) * n + self.reference for i in range(layout.size)], device=device)
+            is_ref = ref_of == torch.arange(layout.size, device=device)
+            rows = cache[key] = {"ref_of": ref_of, "targets": torch.nonzero(~is_ref).flatten(), "is_ref": is_ref}
+        return rows
+
+    # ---- attention -----------------------------------------------------------------------------
+    def qkv(self, call) -> None:
+        rows = self._rows(call.run, call.q.device)
+        if rows is None or call.batch != call.run.layout.size:
+            return
+        ref_of, targets = rows["ref_of"], rows["targets"]
+        tref = ref_of[targets]
+        qi, ki = call.q_image, call.k_image
+        rope = call.extras.get("rope") if call.run.family == "flux" else None
+
+        def adained(x: torch.Tensor, img: slice) -> torch.Tensor:
+            """x with its target rows' image tokens AdaIN-ed toward their reference (reference rows untouched)."""
+            part, ref = x[targets][:, :, img], x[tref][:, :, img]
+            if rope is not None:  # AdaIN acts before RoPE (AlignedGen): undo the rotation, then redo it
+                cos, sin = rope[0][img], rope[1][img]
+                part, ref = _rotate(part, cos, -sin), _rotate(ref, cos, -sin)
+            new = adain(part, ref)
+            if rope is not None:
+                new = _rotate(new, cos, sin)
+            out = x.clone()
+            out[targets, :, img] = new
+            return out
+
+        if self.adain_queries:
+            call.q = adained(call.q, qi)
+        if self.adain_keys:
+            call.k = adained(call.k, ki)
+        if self.adain_values:
+            call.v = adained(call.v, ki)
+
+        k_ref = call.k[ref_of][:, :, ki]
+        v_ref = call.v[ref_of][:, :, ki]
+        shift = call.run.store[self].get("shift")
+        if shift is not None:  # ShiftPE: the reference's keys sit beside the target along x
+            k_ref = _rotate(k_ref, shift[0], shift[1])
+        if self.shared_scale != 1.0:
+            k_ref = k_ref.clone()
+            k_ref[targets] = k_ref[targets] * self.shared_scale
+        n_ref = k_ref.shape[2]
+        call.extras["shared_keys"] = (call.k.shape[2], n_ref)
+        call.k = torch.cat([call.k, k_ref], dim=2)
+        call.v = torch.cat([call.v, v_ref], dim=2)
+        if call.mask is not None:
+            call.mask = F.pad(call.mask, (0, n_ref))
+
+    def bias(self, call):
+        sizes = call.extras.get("shared_keys")
+        if sizes is None:
+            return None
+        n_own, n_ref = sizes
+        rows = self._rows(call.run, call.q.device)
+        key = (call.run.layout, n_own, n_ref, call.q.dtype, call.q.device)
+        cache = call.run.store[self]["bias"]
+        b = cache.get(key)
+        if b is None:
+            b = torch.zeros(call.batch, 1, 1, n_own + n_ref, dtype=call.q.dtype, device=call.q.device)
+            b[rows["targets"], :, :, n_own:] = self.score_shift
+            b[rows["is_ref"], :, :, n_own:] = float("-inf")  # the reference attends only to itself
+            cache[key] = b
+        return b
+
+    # ---- reference image -----------------------------------------------------------------------
+    def _invert(self, run, pipeline):
+        from ..inversion import encode_image, invert_latents
+
+        if run.family not in ("sd", "sdxl"):
+            raise NotImplementedError(f"SharedAttention(reference_image=...) supports SD and SDXL; not {run.family}")
+        if pipeline is None:
+            raise ValueError("reference_image needs a ControlledPipeline run")
+        pipe = pipeline.pipe
+        sigma = pipe.scheduler.init_noise_sigma
+        if abs(float(sigma) - 1.0) > 1e-6:
+            raise ValueError(
+                f"reference_image needs a variance-preserving scheduler (DDIM, PNDM, DPM-Solver, ...); "
+                f"{type(pipe.scheduler).__name__} works in sigma space. Use DDIMScheduler.from_config(pipe.scheduler.config)"
+            )
+        prompt = self.reference_prompt
+        if prompt is None:
+            per_prompt = max(run.layout.images // max(len(run.prompts), 1), 1)
+            prompt = run.prompts[self.reference // per_prompt]
+        h, w = run.grid
+        z0 = encode_image(pipe, self.reference_image, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+        return invert_latents(pipe, z0, prompt, pipe.scheduler.timesteps)
+
+    def before_step(self, latents, state, denoise):
+        """With a reference image: the reference row takes the inverted latents of this step."""
+        traj = self._trajectory
+        if traj is None or latents.shape[0] <= self.reference:
+            return latents
+        i = min(max(state.index, self.inversion_offset), len(traj.timesteps) - 1)
+        latents = latents.clone()
+        latents[self.reference] = traj.at_step(i)[0].to(latents.device, latents.dtype)
+        return latents
+
+    _trajectory = None  # the inversion of this run (set in begin, cleared in end; before_step has no run)
+
+    # ---- shared GroupNorm ----------------------------------------------------------------------
+    def _install_norm_hooks(self, run, denoiser, store) -> None:
+        def hook(module, args, output):
+            x = args[0]
+            if x.dim() != 4 or not self.active(run.state):
+                return None
+            rows = self._rows(run, x.device)
+            if rows is None or x.shape[0] != run.layout.size:
+                return None
+            t = rows["targets"]
+            joint = torch.cat([x[t], x[rows["ref_of"][t]]], dim=-2)  # official: concat along height
+            normed = F.group_norm(joint, module.num_groups, module.weight, module.bias, module.eps)
+            out = output.clone()
+            out[t] = normed[..., : x.shape[-2], :]
+            return out
+
+        for m in denoiser.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                store["hooks"].append(m.register_forward_hook(hook))
+
+    def __repr__(self) -> str:
+        img = "" if self.reference_image is None else ", reference_image=<image>"
+        return (f"SharedAttention(reference={self.reference}, shared_scale={self.shared_scale}, "
+                f"score_shift={self.score_shift}, layers={self.layers!r}, steps={self.steps!r}{img})")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE rotation of (B, H, L, D) `x` by (cos, sin) of shape (L, D) or (1, D): FLUX's interleaved pairs."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return apply_rotary_emb(x, (cos, sin), sequence_dim=2)
+
+
+def _open_image(image: Any):
+    if image is None:
+        return None
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"reference image {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read reference image {str(path)!r}: {err}") from None
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        return image.convert("RGB")
+    raise TypeError(f"reference_image must be a PIL image or a path, got {type(image).__name__}")
+
+
+__all__ = ["SharedAttention", "adain"]

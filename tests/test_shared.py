@@ -1,0 +1,276 @@
+"""SharedAttention (StyleAligned; AlignedGen ShiftPE on FLUX): the papers' properties, an independent
+re-derivation of one layer call, composition, reference images and the CLI."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from attnctrl.pipelines import ControlledPipeline
+from conftest import call_kwargs, processors_of, stock_latents
+from diffusers.models.embeddings import apply_rotary_emb
+from PIL import Image
+
+import attnctrl as ac
+from attnctrl.cli import main
+from attnctrl.control import Control
+from attnctrl.inversion import encode_image, invert_latents
+
+PROMPTS = ["a red car", "a white sheep", "a blue house"]
+
+
+def first_self_layer(pipe) -> str:
+    return next(layer.name for layer in ControlledPipeline(pipe).layers() if layer.has_part("self"))
+
+
+class Probe(Control):
+    """Records q/k/v (qkv hook) and the output (out hook) of the first call on one layer."""
+
+    def __init__(self, layer):
+        super().__init__(layers=f"name={layer}")
+        self.seen = None
+        self.o = None
+
+    def qkv(self, call):
+        if self.seen is None:
+            self.seen = {"q": call.q.clone(), "k": call.k.clone(), "v": call.v.clone(), "scale": call.scale,
+                         "rope": call.extras.get("rope"), "k_image": call.k_image, "q_image": call.q_image}
+
+    def out(self, call, o):
+        if self.o is None:
+            self.o = o.clone()
+        return o
+
+
+def _run(pipe, name, prompts, controls, **extra):
+    return ControlledPipeline(pipe)(prompts, seed=0, controls=controls, **call_kwargs(name, **extra)).images
+
+
+# ---- the papers' properties ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_reference_row_is_identical_to_a_run_without_the_control(tiny, name):
+    pipe = tiny(name)
+    plain = _run(pipe, name, PROMPTS, [])
+    shared = _run(pipe, name, PROMPTS, [ac.SharedAttention(reference=1, score_shift=math.log(2), shared_scale=0.9)])
+    assert (shared[1] - plain[1]).abs().max().item() <= 1e-5
+    assert (shared[[0, 2]] - plain[[0, 2]]).abs().max().item() > 1e-3  # the targets did change
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_one_image_is_a_no_op(tiny, name):
+    pipe = tiny(name)
+    out = _run(pipe, name, PROMPTS[0], [ac.SharedAttention()])
+    assert (out - stock_latents(pipe, PROMPTS[0], **call_kwargs(name))).abs().max().item() <= 1e-5
+
+
+def test_adain_gives_targets_the_reference_statistics(tiny):
+    pipe = tiny("tiny-sd")
+    layer = first_self_layer(pipe)
+    after = Probe(layer)
+    ControlledPipeline(pipe)(PROMPTS, seed=0, controls=[ac.SharedAttention(reference=2), after], **call_kwargs("tiny-sd"))
+    q, k = after.seen["q"], after.seen["k"][:, :, : after.seen["q"].shape[2]]
+    for x in (q, k):
+        for branch in (0, 1):  # uncond, cond: each has its own reference row
+            rows = [branch * 3 + i for i in range(3)]
+            ref = x[rows[2]]
+            for r in rows[:2]:
+                assert torch.allclose(x[r].mean(-2), ref.mean(-2), atol=1e-4)
+                assert torch.allclose(x[r].std(-2), ref.std(-2), rtol=1e-3, atol=1e-4)
+
+
+def test_outside_layers_and_steps_is_stock(tiny):
+    pipe = tiny("tiny-sd")
+    layer = first_self_layer(pipe)
+    seen = []
+
+    class Spy(Control):
+        default_layers = "self"
+
+        def qkv(self, call):
+            seen.append((call.run.state.index, call.layer.name, call.k.shape[2] > call.q.shape[2]))
+
+    lat = {}
+
+    def keep(_pipe, i, t, cb):
+        lat.setdefault(len(lat), cb["latents"].clone())
+        return cb
+
+    cp = ControlledPipeline(pipe)
+    kw = call_kwargs("tiny-sd")
+    cp(PROMPTS[:2], seed=0, controls=[ac.SharedAttention(layers=f"name={layer}", steps=(1, 3)), Spy()],
+       callback_on_step_end=keep, **kw)
+    shared_lat, lat = lat, {}
+    cp(PROMPTS[:2], seed=0, callback_on_step_end=keep, **kw)
+    assert {(i, n) for i, n, ext in seen if ext} == {(1, layer), (2, layer)}
+    assert torch.equal(shared_lat[0], lat[0]) or (shared_lat[0] - lat[0]).abs().max().item() <= 1e-6  # step 0: stock
+    assert (shared_lat[2] - lat[2]).abs().max().item() > 1e-4
+
+
+def test_sdxl_layer_call_matches_the_papers_equations(tiny):
+    """StyleAligned Eq. 3-4 written out here: AdaIN(x, y) = σ_y (x − μ_x)/σ_x + μ_y over tokens;
+    the target attends to [its own K ; s·K_ref] with +δ on the reference logits, the reference to itself."""
+    pipe = tiny("tiny-sdxl")
+    layer = first_self_layer(pipe)
+    before, after = Probe(layer), Probe(layer)
+    s, delta = 0.8, math.log(2)
+    control = ac.SharedAttention(reference=1, shared_scale=s, score_shift=delta, adain_values=True)
+    ControlledPipeline(pipe)(PROMPTS[:2], seed=0, controls=[before, control, after], **call_kwargs("tiny-sdxl"))
+    q, k, v, scale = (before.seen[x] for x in ("q", "k", "v", "scale"))
+    assert q.shape[0] == 4  # uncond ×2, cond ×2
+
+    def stats(x):
+        return x.mean(dim=-2, keepdim=True), (x.var(dim=-2, keepdim=True) + 1e-5).sqrt()
+
+    def norm_to(x, y):
+        (mx, sx), (my, sy) = stats(x), stats(y)
+        return sy * (x - mx) / sx + my
+
+    expected = torch.empty_like(after.o)
+    for ref, tgt in ((1, 0), (3, 2)):
+        expected[ref] = torch.softmax(q[ref] @ k[ref].transpose(-1, -2) * scale, -1) @ v[ref]
+        qt, kt, vt = norm_to(q[tgt], q[ref]), norm_to(k[tgt], k[ref]), norm_to(v[tgt], v[ref])
+        logits = torch.cat([qt @ kt.transpose(-1, -2) * scale, qt @ (s * k[ref]).transpose(-1, -2) * scale + delta], -1)
+        expected[tgt] = torch.softmax(logits, -1) @ torch.cat([vt, v[ref]], -2)
+    assert (after.o - expected).abs().max().item() <= 1e-5
+
+
+def test_flux_shifted_position_embedding(tiny):
+    """AlignedGen ShiftPE: the reference's image keys carry RoPE positions shifted by the width along x."""
+    pipe = tiny("tiny-flux")
+    layer = first_self_layer(pipe)
+    before, after = Probe(layer), Probe(layer)
+    cp = ControlledPipeline(pipe)
+    cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(reference=0), after], **call_kwargs("tiny-flux"))
+    img = before.seen["k_image"]
+    cos, sin = before.seen["rope"]
+    k_ref_raw = apply_rotary_emb(before.seen["k"][0:1, :, img], (cos[img], -sin[img]))  # un-rotate
+    h, w = cp.default_grid()
+    ids = torch.tensor([[0.0, i, j] for i in range(h) for j in range(w)])
+    ids[:, 2] += w  # official: reference_image_ids[:, 2] += width // 16
+    shifted = apply_rotary_emb(k_ref_raw, pipe.transformer.pos_embed(ids))
+    appended = after.seen["k"][1:2, :, before.seen["k"].shape[2]:]
+    assert appended.shape == shifted.shape
+    assert (appended - shifted).abs().max().item() <= 1e-4
+
+
+# ---- errors and composition ----------------------------------------------------------------------
+
+
+def test_reference_outside_the_batch_fails_before_any_step(tiny):
+    pipe = tiny("tiny-sd")
+    before = processors_of(pipe)
+    steps = []
+
+    class Spy(Control):
+        def combine(self, preds, state, guided):
+            steps.append(state.index)
+            return guided
+
+    with pytest.raises(ValueError, match=r"reference=2 is outside the batch of 2 image"):
+        _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference=2), Spy()])
+    assert steps == [] and processors_of(pipe) == before
+    with pytest.raises(ValueError, match="reference must be"):
+        ac.SharedAttention(reference=-1)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        _run(tiny("tiny-flux"), "tiny-flux", PROMPTS[:2], [ac.SharedAttention(shared_norms=True)])
+    with pytest.raises(ValueError, match="heads"):
+        _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(layers="self,heads=0")])
+
+
+def test_composes_with_maps_and_pag(tiny):
+    pipe = tiny("tiny-sd")
+    cp = ControlledPipeline(pipe)
+    kw = call_kwargs("tiny-sd")
+    base = cp(PROMPTS[:2], seed=0, controls=[ac.AttentionMaps(), ac.PAG("mid")], **kw)
+    out = cp(PROMPTS[:2], seed=0, controls=[ac.SharedAttention(), ac.AttentionMaps(), ac.PAG("mid")], **kw)
+    assert out.maps is not None
+    assert (out.images[0] - base.images[0]).abs().max().item() <= 1e-5
+    assert (out.images[1] - base.images[1]).abs().max().item() > 1e-3
+
+
+def test_shared_group_norms_keep_the_reference_and_change_targets(tiny):
+    pipe = tiny("tiny-sdxl")
+    before = {id(m): dict(m._forward_hooks) for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    plain = _run(pipe, "tiny-sdxl", PROMPTS[:2], [ac.SharedAttention()])
+    normed = _run(pipe, "tiny-sdxl", PROMPTS[:2], [ac.SharedAttention(shared_norms=True)])
+    assert (normed[0] - plain[0]).abs().max().item() <= 1e-5
+    assert (normed[1] - plain[1]).abs().max().item() > 1e-4
+    after = {id(m): dict(m._forward_hooks) for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert after == before  # hooks removed at the end of the run
+
+
+# ---- reference from a real image -------------------------------------------------------------------
+
+
+def _image():
+    return Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+def test_reference_image_rows_follow_the_inverted_trajectory(tiny):
+    pipe = tiny("tiny-sd")
+    seen = []
+
+    class Spy(Control):
+        def before_step(self, latents, state, denoise):
+            seen.append(latents[0].clone())
+            return latents
+
+    out = _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image()), Spy()])
+    z0 = encode_image(pipe, _image(), 64, 64)
+    res = invert_latents(pipe, z0, PROMPTS[0], pipe.scheduler.timesteps)
+    assert len(seen) == 3
+    for i, z in enumerate(seen):
+        assert torch.allclose(z, res.at_step(i)[0], atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_reference_image_needs_a_variance_preserving_scheduler(tiny):
+    with pytest.raises(ValueError, match="variance-preserving"):
+        _run(tiny("tiny-sdxl"), "tiny-sdxl", PROMPTS[:2], [ac.SharedAttention(reference_image=_image())])
+    with pytest.raises(ValueError, match="does not exist"):
+        ac.SharedAttention(reference_image="/nonexistent/x.png")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_prompts_file_and_shared_control(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n\n  a white sheep  \n")
+    out = tmp_path / "style.png"
+    rc = main(["generate", "--prompts", str(prompts), "--model", "tiny-sd", "--steps", "2", "--seed", "0",
+               "--control", "shared", "reference=0", "score_shift=0.5", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "style_0.png").is_file() and (tmp_path / "style_1.png").is_file()
+    meta = Image.open(tmp_path / "style_1.png").text
+    assert meta["prompt"] == "a white sheep" and "--prompts" in meta["command"]
+
+    ref = tmp_path / "ref.png"
+    _image().save(ref)
+    rc = main(["generate", "--prompts", str(prompts), "--model", "tiny-sd", "--steps", "2", "--seed", "0",
+               "--reference-image", str(ref), "--reference-prompt", "a photo", "-o", str(tmp_path / "r.png")])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("empty", "is empty"), ("both", "not both"), ("noref", "does not exist"),
+])
+def test_cli_bad_input(tmp_path, capsys, case, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    argv = {
+        "missing": ["generate", "--prompts", str(tmp_path / "nope.txt")],
+        "empty": ["generate", "--prompts", str(empty)],
+        "both": ["generate", "a cat", "--prompts", str(empty)],
+        "noref": ["generate", "a cat", "--reference-image", str(tmp_path / "nope.png")],
+    }[case]
+    rc = main(argv + ["-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+
+
+def test_attach_says_it_needs_the_loop(tiny):
+    """The reference-image injection is a loop hook, so SharedAttention runs through ControlledPipeline."""
+    with pytest.raises(ValueError, match="ControlledPipeline"), ac.attach(tiny("tiny-sd"), [ac.SharedAttention()]):
+        pass
