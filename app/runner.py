@@ -1,0 +1,413 @@
+"""What the web app does per request, without Gradio: load (cached), build controls, run, reproduce.
+
+* `ModelCache`: a small LRU of loaded `ControlledPipeline`s, each with its own lock. The pipeline
+  object is shared by every session, but a run installs attention processors on its (shared)
+  denoiser module for the duration of the call, so two runs on one pipeline at the same time
+  would see each other's processors: runs on the same model are serialised by that model's lock.
+  Different models run concurrently (up to the queue's concurrency limit).
+* `Request` → `run_request`: fresh control instances for every request (no control object is
+  ever reused), the "without controls" run at the same seed, the heatmaps from an
+  `AttentionMaps` control (added when the user did not turn one on; it only observes, so the
+  image is the same with or without it), and the exact command line and Python code of the run.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shlex
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from attnctrl.controls.registry import (
+    CONTROLS,
+    ControlArgError,
+    parse_control,
+    parse_kwargs,
+)
+
+__all__ = [
+    "ModelCache",
+    "Request",
+    "RunResult",
+    "check_words",
+    "cli_command",
+    "heatmap_tiles",
+    "image_hash",
+    "latent_hash",
+    "layer_rows",
+    "model_key",
+    "python_code",
+    "run_request",
+    "word_choices",
+]
+
+log = logging.getLogger(__name__)
+
+
+def model_key(model: str | None) -> str:
+    """Canonical cache key of a model text (embedded names are case-insensitive)."""
+    from attnctrl.models import loading
+    from attnctrl.models.tiny import TINY_MODELS
+
+    text = (model or "").strip() or loading.DEFAULT_MODEL
+    return text.lower() if text.lower() in TINY_MODELS else text
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+class _Entry:
+    def __init__(self, key: str):
+        self.key = key
+        self.lock = threading.Lock()
+        self.pipe = None
+
+
+class ModelCache:
+    """LRU of loaded pipelines (`size` at most); ``with cache.use(name) as pipe:`` holds the model's lock."""
+
+    def __init__(self, size: int = 2, loader: Callable[[str], Any] | None = None):
+        if size < 1:
+            raise ValueError(f"cache size must be >= 1, got {size}")
+        self.size = size
+        self._loader = loader
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # number of actual loads (for tests and the status line)
+
+    def _load(self, key: str):
+        if self._loader is not None:
+            return self._loader(key)
+        import attnctrl as ac
+
+        pipe = ac.load(key)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _entry(self, key: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry(key)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:  # a run holding an evicted entry keeps its own reference
+                self._entries.popitem(last=False)
+            return entry
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.pipe is not None]
+
+    def use(self, model: str | None) -> _Use:
+        return _Use(self, model_key(model))
+
+
+class _Use:
+    def __init__(self, cache: ModelCache, key: str):
+        self.cache, self.key, self.entry = cache, key, None
+
+    def __enter__(self):
+        entry = self.cache._entry(self.key)
+        entry.lock.acquire()
+        try:
+            if entry.pipe is None:
+                try:
+                    entry.pipe = self.cache._load(self.key)
+                    self.cache.loads += 1
+                except BaseException:
+                    with self.cache._lock:
+                        if self.cache._entries.get(self.key) is entry:
+                            del self.cache._entries[self.key]
+                    raise
+        except BaseException:
+            entry.lock.release()
+            raise
+        self.entry = entry
+        return entry.pipe
+
+    def __exit__(self, *exc):
+        self.entry.lock.release()
+        return False
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def latent_hash(latents: torch.Tensor) -> str:
+    """sha256 (first 16 hex digits) of the final latents as float32: the same seed and controls give the same hash."""
+    data = latents.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def image_hash(image: Image.Image) -> str:
+    """sha256 (first 16 hex digits) of an image's RGB pixels."""
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()[:16]
+
+
+def word_choices(prompt: str) -> list[str]:
+    """The prompt's words as chips: in order, repeats as ``word#2`` (what controls accept)."""
+    from attnctrl.tokens import prompt_words
+
+    seen: dict[str, int] = {}
+    out = []
+    for w in prompt_words(prompt or ""):
+        k = w.casefold()
+        seen[k] = seen.get(k, 0) + 1
+        out.append(w if seen[k] == 1 else f"{w}#{seen[k]}")
+    return out
+
+
+def check_words(pipe, prompt: str, field_name: str, control: str, value: Any) -> None:
+    """Raise a readable error if a word field names text that is not in the prompt."""
+    from attnctrl.tokens import TokenError, resolve_all
+
+    def flat(v):
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                yield from flat(x)
+        elif isinstance(v, str):  # groups/lists in one string: "red car;white sheep"
+            for part in re.split(r"[;,]", v):
+                if part.strip():
+                    yield part.strip()
+        # anything else (raw token indices) is checked by the control itself
+
+    msl = pipe.defaults.get("max_sequence_length")
+    for v in flat(value):
+        try:
+            resolve_all(pipe, prompt, v, family=pipe.family, max_sequence_length=msl)
+        except TokenError as err:
+            raise ControlArgError(f"control {control}: {field_name}: {err}") from None
+
+
+def layer_rows(pipe, selector: str | None, height: int | None = None, width: int | None = None) -> list[list[str]]:
+    """Rows (name, kind, place, block, resolution, heads) of the layers a selector picks (all if empty)."""
+    from attnctrl.selectors import select
+
+    grid = pipe.default_grid(height, width)
+    order = {"down": 0, "mid": 1, "up": 2, "blocks": 3, "single": 4}
+    layers = sorted(pipe.layers(), key=lambda l: order.get(l.place, 9))
+    sel = (selector or "").strip()
+    if sel:
+        parts = [p.strip() for p in sel.split(";")]
+        picked = select(layers, parts[0] if len(parts) == 1 else parts, grid)
+    else:
+        picked = [(l, None) for l in layers]
+    rows = []
+    for layer, heads in picked:
+        h, w = layer.grid(grid)
+        head_text = str(layer.heads) if heads is None else f"{'|'.join(map(str, sorted(heads)))} of {layer.heads}"
+        rows.append([layer.name, layer.kind, layer.place, str(layer.block), f"{h}x{w}", head_text])
+    return rows
+
+
+def heatmap_tiles(maps, images: Sequence[Image.Image], size: int = 192, alpha: float = 0.55) -> list[tuple[Image.Image, str]]:
+    """(overlay, caption) per word and image: the word's map (normalised, coloured) over the grey picture."""
+    from attnctrl.maps import colorize
+
+    tiles = []
+    for i, picture in enumerate(images):
+        grey = ImageOps.grayscale(picture.convert("RGB")).convert("RGB").resize((size, size), Image.BICUBIC)
+        for word, m in maps.words(i).items():
+            a = m.float().numpy()
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+            heat = Image.fromarray(colorize(a)).resize((size, size), Image.BICUBIC)
+            caption = word if len(images) == 1 else f"image {i + 1}: {word}"
+            tiles.append((Image.blend(grey, heat, alpha), caption))
+    return tiles
+
+
+# ----------------------------------------------------------------------------------- request
+
+
+@dataclass
+class Request:
+    """One run as the form gives it. `controls` are ``(name, ["key=value", ...])`` in run order."""
+
+    prompt: str
+    model: str | None = None
+    negative: str | None = None
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    controls: list[tuple[str, list[str]]] = field(default_factory=list)
+    compare: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("the prompt is empty: type a text prompt describing the image")
+        for name, value, lo in (("seed", self.seed, 0), ("steps", self.steps, 1), ("number of images", self.num_images, 1)):
+            if value is None or float(value) != int(value) or int(value) < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        if self.num_images > 8:
+            raise ValueError(f"at most 8 images per run, got {self.num_images}")
+        if self.guidance is None:
+            raise ValueError("guidance scale is empty")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and (float(value) != int(value) or int(value) < 8):
+                raise ValueError(f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {value!r}")
+        for name, _ in self.controls:
+            if name not in CONTROLS:
+                raise ControlArgError(f"unknown control {name!r}; known controls: {', '.join(sorted(CONTROLS))}")
+
+    def call_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"num_inference_steps": int(self.steps), "guidance_scale": float(self.guidance),
+                              "num_images_per_prompt": int(self.num_images)}
+        if self.height is not None:
+            kw["height"] = int(self.height)
+        if self.width is not None:
+            kw["width"] = int(self.width)
+        if self.negative:
+            kw["negative_prompt"] = self.negative
+        return kw
+
+    @property
+    def user_maps(self) -> bool:
+        return any(name == "maps" for name, _ in self.controls)
+
+
+@dataclass
+class RunResult:
+    images: list
+    baseline: list
+    heatmaps: list
+    latent_hash: str
+    baseline_hash: str
+    image_hashes: list
+    cli: str
+    python: str
+    seconds: float
+    model: str
+    size: tuple[int, int]
+    note: str = ""
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "size": f"{self.size[0]}x{self.size[1]}", "latent_hash": self.latent_hash,
+            "baseline_latent_hash": self.baseline_hash, "image_hashes": self.image_hashes,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def build_controls(req: Request, pipe=None) -> list:
+    """Fresh control instances for a request (the user's, then maps if the user has none).
+
+    Word fields are checked against the prompt when `pipe` is given."""
+    from attnctrl.app.schema import WORD_PARAM
+
+    controls = []
+    for name, items in req.controls:
+        if pipe is not None:
+            kwargs = parse_kwargs(CONTROLS[name], items, name=name)
+            for key, value in kwargs.items():
+                if WORD_PARAM.search(key.lower()) and value is not None:
+                    check_words(pipe, req.prompt, key, name, value)
+        controls.append(parse_control(name, items))
+    if not req.user_maps:
+        controls.append(parse_control("maps", []))
+    return controls
+
+
+def cli_command(req: Request, size: tuple[int, int]) -> str:
+    """The ``attnctrl generate`` command that reproduces the run (image and heatmaps)."""
+    from attnctrl.cli import PROG
+
+    width, height = size
+    argv = [PROG, "generate", req.prompt, "--model", model_key(req.model), "--seed", str(int(req.seed)),
+            "--steps", str(int(req.steps)), "--guidance", repr(float(req.guidance)),
+            "--height", str(height), "--width", str(width)]
+    if req.negative:
+        argv += ["--negative", req.negative]
+    if req.num_images != 1:
+        argv += ["--num-images", str(int(req.num_images))]
+    for name, items in req.controls:
+        argv += ["--control", name, *items]
+    if not req.user_maps:
+        argv.append("--maps")
+    argv += ["-o", "attnctrl.png"]
+    return shlex.join(argv)
+
+
+def python_code(req: Request, size: tuple[int, int]) -> str:
+    """Python that reproduces the run with the library's API."""
+    width, height = size
+    imports, calls = [], []
+    for name, items in req.controls:
+        cls = CONTROLS[name]
+        kwargs = parse_kwargs(cls, items, name=name)
+        line = f"from {cls.__module__} import {cls.__name__}"
+        if line not in imports:
+            imports.append(line)
+        calls.append(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
+    if not req.user_maps:
+        calls.append("ac.AttentionMaps()")
+    args = [repr(req.prompt), f"seed={int(req.seed)}", f"num_inference_steps={int(req.steps)}",
+            f"guidance_scale={float(req.guidance)!r}", f"height={height}", f"width={width}"]
+    if req.negative:
+        args.append(f"negative_prompt={req.negative!r}")
+    if req.num_images != 1:
+        args.append(f"num_images_per_prompt={int(req.num_images)}")
+    args.append("controls=[" + ", ".join(calls) + "]")
+    lines = ["import attnctrl as ac", *imports, "", f"pipe = ac.load({model_key(req.model)!r})",
+             "out = pipe(" + ",\n           ".join(args) + ")",
+             "for i, image in enumerate(out.images):",
+             "    image.save(f\"attnctrl_{i}.png\")",
+             "    out.maps.save(f\"attnctrl_{i}.maps.png\", i, image)"]
+    return "\n".join(lines) + "\n"
+
+
+def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, str], None] | None = None) -> RunResult:
+    """Run a request: load (cached), check, run with controls (and without), collect maps.
+
+    Raises ValueError subclasses (bad model, bad control argument, unknown word, selector
+    matching nothing, ...) with a readable message; the cache and pipeline stay usable."""
+    req.validate()
+    t0 = time.perf_counter()
+    key = model_key(req.model)
+    with cache.use(key) as pipe:
+        controls = build_controls(req, pipe)  # fresh instances, every request
+        kw = req.call_kwargs()
+        steps = kw["num_inference_steps"]
+        has_user = bool(req.controls)
+        runs = 2 if (req.compare and has_user) else 1
+        total = runs * steps
+
+        def callback(offset: int, label: str):
+            def cb(_pipe, i, _t, _kw):
+                if progress is not None:
+                    progress(offset + i + 1, total, f"{label}: step {i + 1}/{steps}")
+                return {}
+            return cb
+
+        out = pipe(req.prompt, controls=controls, seed=int(req.seed), callback_on_step_end=callback(0, "with controls"), **kw)
+        images = list(out.images)
+        if runs == 2:
+            base = pipe(req.prompt, controls=[], seed=int(req.seed),
+                        callback_on_step_end=callback(steps, "without controls"), **kw)
+            baseline, base_hash = list(base.images), latent_hash(base.latents)
+            note = ""
+        else:
+            baseline, base_hash = images, latent_hash(out.latents)
+            note = "no control is on: the run without controls is the same run" if req.compare else ""
+        if not out.maps:
+            raise ValueError("no attention maps were recorded: the maps control selected no layer that ran")
+        tiles = heatmap_tiles(out.maps, images)
+    size = images[0].size
+    return RunResult(
+        images=images, baseline=baseline, heatmaps=tiles, latent_hash=latent_hash(out.latents),
+        baseline_hash=base_hash, image_hashes=[image_hash(im) for im in images],
+        cli=cli_command(req, size), python=python_code(req, size), seconds=time.perf_counter() - t0,
+        model=key, size=size, note=note,
+    )
