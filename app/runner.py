@@ -55,10 +55,8 @@ log = logging.getLogger(__name__)
 def model_key(model: str | None) -> str:
     """Canonical cache key of a model text (embedded names are case-insensitive)."""
     from attnctrl.models import loading
-    from attnctrl.models.tiny import TINY_MODELS
-
     text = (model or "").strip() or loading.DEFAULT_MODEL
-    return text.lower() if text.lower() in TINY_MODELS else text
+    return text.lower() if text.lower() in loading.EMBEDDED_MODELS else text
 
 
 # ------------------------------------------------------------------------------------ models

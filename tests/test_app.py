@@ -121,7 +121,7 @@ def test_run_reproduces_through_cli_and_python(cache, tmp_path, capsys, monkeypa
 
 
 def test_maps_only_observe_and_baseline_is_the_stock_call(cache):
-    req = Request(PROMPT, seed=1, steps=STEPS, controls=[("pag", [])])
+    req = Request(PROMPT, model="tiny-sd", seed=1, steps=STEPS, controls=[("pag", [])])
     res = run_request(req, cache)
     pipe = ac.load("tiny-sd")
     plain = pipe(PROMPT, seed=1, num_inference_steps=STEPS, guidance_scale=7.5)
@@ -130,7 +130,7 @@ def test_maps_only_observe_and_baseline_is_the_stock_call(cache):
     assert res.latent_hash == latent_hash(with_pag.latents)  # + AttentionMaps for the gallery: same image
     assert "--maps" in shlex.split(res.cli) and "ac.AttentionMaps()" in res.python
 
-    only_maps = run_request(Request(PROMPT, seed=1, steps=STEPS), cache)  # no control on: one run
+    only_maps = run_request(Request(PROMPT, model="tiny-sd", seed=1, steps=STEPS), cache)  # no control on: one run
     assert only_maps.latent_hash == only_maps.baseline_hash == latent_hash(plain.latents)
     assert only_maps.note and len(only_maps.heatmaps) == 7
 
@@ -253,5 +253,5 @@ def test_a_local_folder_loads_once_and_runs_like_the_embedded_model(tmp_path):
     req = Request(PROMPT, model=str(tmp_path / "my-model"), seed=2, steps=2, compare=False)
     first, second = run_request(req, cache), run_request(req, cache)
     assert cache.loads == 1 and cache.loaded() == [str(tmp_path / "my-model")]
-    assert first.latent_hash == second.latent_hash == run_request(Request(PROMPT, seed=2, steps=2), ModelCache(1)).latent_hash
+    assert first.latent_hash == second.latent_hash == run_request(Request(PROMPT, model="tiny-sd", seed=2, steps=2), ModelCache(1)).latent_hash
     assert shlex.split(first.cli)[shlex.split(first.cli).index("--model") + 1] == str(tmp_path / "my-model")
