@@ -372,7 +372,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     outputs = _Outputs(image_paths + maps_paths)  # fails here, before any work, if unwritable
     try:
         pipe = _load(args.model)
-        defaults = call_defaults(pipe.pipe)
+        defaults = {**call_defaults(pipe.pipe), **pipe.defaults}  # an embedded model's own call defaults
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
         kw: dict[str, Any] = {
             "num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps", 50),

@@ -88,7 +88,7 @@ def test_generate_maps_and_numbered_outputs(tmp_path, capsys, monkeypatch):
     rc, out, err = run(capsys, "generate", "a cat", "--steps", 1, "--maps-out", "heat.png")
     assert rc == 0, err
     assert out.split() == ["attnctrl.png", "heat.png"]
-    assert "random seed" in err and png_params(tmp_path / "attnctrl.png")["model"] == "tiny-sd"
+    assert "random seed" in err and png_params(tmp_path / "attnctrl.png")["model"] == "shapes"
 
 
 # -------------------------------------------------------------------------------------- layers

@@ -167,7 +167,7 @@ def test_save_and_reload_reproduces_latents(name, tmp_path):
 
 def test_load_pipeline_kinds(tmp_path):
     default = load_pipeline()
-    assert DEFAULT_MODEL == "tiny-sd" and family_of(default) == "sd"
+    assert DEFAULT_MODEL == "shapes" and family_of(default) == "sd"
     assert load_pipeline(default) is default
     assert load_pipeline(" Tiny-SDXL ").unet.config.addition_embed_type == "text_time"
     assert load_pipeline("tiny-sd3", torch_dtype=torch.float16).transformer.dtype == torch.float16

@@ -10,10 +10,14 @@ from typing import Any
 
 import torch
 
-from .tiny import TINY_MODELS, build_tiny
+from attnctrl.shapes.model import SHAPES_DEFAULTS
+
+from .tiny import TINY_DEFAULTS, TINY_MODELS, build_tiny
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_DEFAULTS",
+    "EMBEDDED_MODELS",
     "FAMILIES",
     "ModelLoadError",
     "UnsupportedModelError",
@@ -21,8 +25,20 @@ __all__ = [
     "family_of",
 ]
 
+#: Embedded offline models: the tiny random-weight ones and the trained Shapes model.
+EMBEDDED_MODELS: dict[str, str] = {
+    **TINY_MODELS,
+    "shapes": "trained SD-style model of the Shapes world (coloured circles, squares, triangles; 64 px)",
+}
+
+#: Recommended call kwargs of each embedded model (``ac.load`` applies them).
+EMBEDDED_DEFAULTS: dict[str, dict[str, object]] = {
+    **TINY_DEFAULTS,
+    "shapes": SHAPES_DEFAULTS,
+}
+
 #: Model used when none is given: embedded, so it works offline.
-DEFAULT_MODEL = "tiny-sd"
+DEFAULT_MODEL = "shapes"
 
 #: Family names returned by :func:`family_of`.
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
@@ -39,7 +55,7 @@ class UnsupportedModelError(ValueError):
 
 
 def _embedded_list() -> str:
-    return ", ".join(TINY_MODELS)
+    return ", ".join(EMBEDDED_MODELS)
 
 
 def _place(pipe, torch_dtype: torch.dtype | None, device: str | torch.device | None):
@@ -60,9 +76,10 @@ def load_pipeline(
     ``model`` may be:
 
     * ``None``: :data:`DEFAULT_MODEL`;
-    * an embedded tiny model name from :data:`~attnctrl.models.tiny.TINY_MODELS`
-      (case-insensitive; takes precedence over a folder of the same name, write ``./tiny-sd`` for that),
-      built fresh on every call;
+    * an embedded model name from :data:`EMBEDDED_MODELS` (case-insensitive; takes precedence over a
+      folder of the same name, write ``./tiny-sd`` for that): a tiny model from
+      :data:`~attnctrl.models.tiny.TINY_MODELS`, built fresh on every call, or ``"shapes"``, the
+      trained model shipped in ``attnctrl.assets/shapes``, loaded on every call;
     * a ``DiffusionPipeline``: returned as is (the same object);
     * a local diffusers folder or a hub id ``org/name``: ``DiffusionPipeline.from_pretrained(model,
       torch_dtype=torch_dtype, **kwargs)``.
@@ -85,6 +102,11 @@ def load_pipeline(
         raise TypeError(
             f"model must be a name, a path, a hub id or a diffusers DiffusionPipeline, not {type(model).__name__}"
         )
+    if model.strip().lower() == "shapes":
+        from attnctrl.shapes.model import load_shapes_pipeline
+
+        _refuse_kwargs(kwargs, "the embedded model 'shapes'")
+        return _place(load_shapes_pipeline(), torch_dtype, device)
     if model.strip().lower() in TINY_MODELS:
         _refuse_kwargs(kwargs, f"the embedded model {model.strip().lower()!r}")
         return _place(build_tiny(model.strip().lower()), torch_dtype, device)
