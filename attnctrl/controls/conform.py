@@ -91,12 +91,12 @@ class Conform(AttentionLossControl):
         super().begin(run)
         if self._run is None:
             return
-        for b, subjects in enumerate(self._run["subjects"]):
+        for subjects in self._run["subjects"]:
             owner: dict[int, int] = {}
             for idx, label in zip(subjects, self._labels):
                 for i in idx:
                     if owner.setdefault(i, label) != label:
-                        raise ValueError(f"token {i} of prompt {run.prompts[b * len(run.prompts) // len(self._run['subjects'])]!r} is in two groups")
+                        raise ValueError(f"Conform: token {i} belongs to groups {owner[i]} and {label}; groups must not overlap")
 
     def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
         labels = list(self._labels)
