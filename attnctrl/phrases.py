@@ -24,15 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .tokens import TokenError
+from .tokens import (  # one word definition and spec syntax for both
+    _WORD,
+    TokenError,
+    _parse_spec,
+)
 
 __all__ = ["Phrase", "find_phrase", "noun_phrases", "rule_noun_phrases", "spacy_available", "spacy_noun_phrases"]
 
 Backend = Literal["auto", "spacy", "rules"]
 
-_WORD = re.compile(r"[^\W_]+")  # the word definition of attnctrl.tokens
 _TOKEN = re.compile(r"[^\W_]+|[^\w\s]")  # words and single punctuation marks
-_OCCURRENCE = re.compile(r"^(.*?)\s*#\s*(\d+)\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,7 @@ def find_phrase(prompt: str, phrase: str) -> Phrase:
     ignored; ``"dog#2"`` is the second occurrence). Raises `TokenError` if it is not there."""
     if not isinstance(phrase, str):
         raise TokenError(f"a phrase must be a string, got {type(phrase).__name__}: {phrase!r}")
-    m = _OCCURRENCE.match(phrase)
-    text, occurrence = (m.group(1), int(m.group(2))) if m else (phrase, 1)
-    keys = [w.casefold() for w in _WORD.findall(text)]
-    if not keys:
-        raise TokenError(f"phrase {phrase!r} has no word in it")
-    if occurrence < 1:
-        raise TokenError(f"phrase {phrase!r}: occurrences count from 1")
+    keys, occurrence, _ = _parse_spec(phrase)
     words = _spans(prompt)
     low = [w[0].casefold() for w in words]
     n = len(keys)
