@@ -166,7 +166,8 @@ def test_save_and_reload_reproduces_latents(name, tmp_path):
             saved, back = module.state_dict(), getattr(loaded, component).state_dict()
             assert saved.keys() == back.keys(), component
             assert all(torch.equal(saved[k], back[k]) for k in saved), component
-    assert dict(loaded.scheduler.config) == dict(pipe.scheduler.config)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     # The same weights then give the same latents up to float32 rounding, not bit for bit: the loaded
     # tensors live at other addresses (memory-mapped from safetensors), and AVX2 GEMM kernels choose
     # their blocking, hence their summation order, by alignment (text_encoder_2's pooled output moves
