@@ -12,6 +12,9 @@ selectors matches any of them (OR). Terms:
 ``block=1``          block index within its place (``block=0|2``).
 ``name=PATH``        exactly this layer name.
 ``re=REGEX``         regex matched against the whole name (``re.fullmatch``: anchored).
+``search=REGEX``     diffusers' ``pag_applied_layers`` rule, for reproducing its numbers: ``re.search``
+                     anywhere in the name, so ``search=blocks.1`` also picks ``blocks.10``–``blocks.19``
+                     (diffusers' "fake integral match" exclusion is kept; it never fires on a layer name).
 ``heads=0|3``        restrict to these heads (otherwise all heads).
 ``up_blocks.1``      any other word: a module path matched on whole dotted segments, so
                      ``blocks.1`` never matches ``blocks.10`` nor ``transformer_blocks.1``.
@@ -46,6 +49,13 @@ def _segment_match(path: tuple[str, ...], name: tuple[str, ...]) -> bool:
     return any(name[i : i + n] == path for i in range(len(name) - n + 1))
 
 
+def _diffusers_search(pattern: re.Pattern, name: str) -> bool:
+    """diffusers' `PAGMixin` layer rule: `re.search`, unless both last segments are the same number."""
+    last_id, last_name = pattern.pattern.split(".")[-1], name.split(".")[-1]
+    fake_integral = last_id.isnumeric() and last_name.isnumeric() and last_id == last_name
+    return pattern.search(name) is not None and not fake_integral
+
+
 @dataclass(frozen=True)
 class Selector:
     """A parsed selector: every set field must hold. Build with `Selector.parse`."""
@@ -57,6 +67,7 @@ class Selector:
     blocks: frozenset[int] = frozenset()
     names: frozenset[str] = frozenset()
     regexes: tuple[re.Pattern, ...] = ()
+    searches: tuple[re.Pattern, ...] = ()
     paths: tuple[tuple[str, ...], ...] = ()
     heads: frozenset[int] | None = None
 
@@ -65,7 +76,7 @@ class Selector:
         if not isinstance(text, str) or not text.strip():
             raise SelectorError(f"empty layer selector {text!r}")
         kw: dict = {"kinds": set(), "places": set(), "res": set(), "blocks": set(), "names": set()}
-        regexes, paths, heads = [], [], None
+        regexes, searches, paths, heads = [], [], [], None
         for term in (t.strip() for t in text.split(",")):
             if not term:
                 raise SelectorError(f"empty term in selector {text!r}")
@@ -79,14 +90,14 @@ class Selector:
                     heads = _ints(value, term)
                 elif key == "name":
                     kw["names"].add(value)
-                elif key in ("re", "regex"):
+                elif key in ("re", "regex", "search"):
                     try:
-                        regexes.append(re.compile(value))
+                        (searches if key == "search" else regexes).append(re.compile(value))
                     except re.error as e:
                         raise SelectorError(f"selector term {term!r}: bad regex ({e})") from None
                 else:
                     raise SelectorError(
-                        f"unknown selector key {key!r} in {text!r}; keys: res, block, heads, name, re"
+                        f"unknown selector key {key!r} in {text!r}; keys: res, block, heads, name, re, search"
                     )
             elif term in ("self", "cross", "joint"):
                 kw["kinds"].add(term)
@@ -104,6 +115,7 @@ class Selector:
             blocks=frozenset(kw["blocks"]),
             names=frozenset(kw["names"]),
             regexes=tuple(regexes),
+            searches=tuple(searches),
             paths=tuple(paths),
             heads=heads,
         )
@@ -120,6 +132,8 @@ class Selector:
         if self.names and layer.name not in self.names:
             return False
         if any(not r.fullmatch(layer.name) for r in self.regexes):
+            return False
+        if any(not _diffusers_search(r, layer.name) for r in self.searches):
             return False
         if any(not _segment_match(p, layer.segments) for p in self.paths):
             return False

@@ -6,6 +6,7 @@
         preds   = split(denoiser(cat(latents per branch)))  # {"uncond", "cond", extra branches}
         guided  = ε_u + w(ε_c − ε_u)   (or ε_c without CFG) # exactly the stock expression
         guided  = c.combine(preds, state, guided)           # e.g. PAG: + s(ε_c − ε_ptb)
+        guided  = rescale(guided, ε_c)                      # guidance_rescale, last, as diffusers' PAG pipelines
         latents = scheduler.step(guided, t, latents)
 """
 from __future__ import annotations
@@ -39,10 +40,15 @@ def guide(prep: Prepared, preds: dict) -> torch.Tensor:
     if not prep.cfg:
         return preds["cond"]
     u, c = preds["uncond"], preds["cond"]
-    guided = u + prep.guidance_scale * (c - u)
-    if prep.guidance_rescale > 0.0:
-        guided = rescale_noise_cfg(guided, c, guidance_rescale=prep.guidance_rescale)
-    return guided
+    return u + prep.guidance_scale * (c - u)
+
+
+def rescale(prep: Prepared, preds: dict, guided: torch.Tensor) -> torch.Tensor:
+    """`guidance_rescale` (Lin et al. 2024, §3.4) toward ε_c's std, after every guidance term has been added:
+    diffusers' PAG pipelines add ``s(ε_c − ε_ptb)`` first and rescale the sum."""
+    if not prep.cfg or prep.guidance_rescale <= 0.0:
+        return guided
+    return rescale_noise_cfg(guided, preds["cond"], guidance_rescale=prep.guidance_rescale)
 
 
 def denoise_loop(
@@ -91,6 +97,7 @@ def denoise_loop(
             guided = guide(prep, preds)
             for c in combiners:
                 guided = c.combine(preds, run.state, guided)
+            guided = rescale(prep, preds, guided)
             latents = adapter.step(pipe, prep, guided, t, latents)
             for c in watchers:
                 c.after_step(latents, run.state)

@@ -23,9 +23,10 @@ def diffusers_pag(tiny, name, layers, **kw):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
-@pytest.mark.parametrize("guidance, adaptive", [(5.0, 0.0), (1.0, 0.0), (5.0, 0.002)])
-def test_pag_matches_diffusers_unet(tiny, name, guidance, adaptive):
-    kw = call_kwargs(name, guidance_scale=guidance)
+@pytest.mark.parametrize("guidance, adaptive, rescale", [(5.0, 0.0, 0.0), (1.0, 0.0, 0.0), (5.0, 0.002, 0.0), (5.0, 0.0, 0.7)])
+def test_pag_matches_diffusers_unet(tiny, name, guidance, adaptive, rescale):
+    """rescale > 0: diffusers adds the PAG term, then rescales the sum toward ε_c (rescaling first differs by 0.09)."""
+    kw = call_kwargs(name, guidance_scale=guidance, guidance_rescale=rescale)
     ref = diffusers_pag(tiny, name, ["mid"], pag_scale=3.0, pag_adaptive_scale=adaptive, **kw)
     out = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.PAG("mid", scale=3.0, adaptive_scale=adaptive)], **kw)
     assert (out.images - ref).abs().max().item() <= 1e-5

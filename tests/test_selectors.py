@@ -100,3 +100,53 @@ def test_joint_layers_have_both_parts_and_dual_attention_is_self(tiny):
         "transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn",
     ]
     assert names(select(layers, "attn2")) == ["transformer_blocks.0.attn2"]
+
+
+@pytest.mark.parametrize("dual", [(), (0, 1, 10)])
+def test_pag_diffusers_matching_picks_what_diffusers_pag_picks(dual):
+    """`PAG(match="diffusers")` picks exactly the modules diffusers' own `_set_pag_attn_processor`
+    sets (run here on a 12-block SD3 transformer, SD3.5-style attn2 included); our default does not."""
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel, StableDiffusion3PAGPipeline
+
+    import attnctrl as ac
+
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=12, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=16, dual_attention_layers=dual,
+    )
+    layers = list_layers(model)
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+
+    def diffusers_picks(spec):
+        marker = object()
+        try:
+            StableDiffusion3PAGPipeline._set_pag_attn_processor(
+                SimpleNamespace(transformer=model, _pag_attn_processors=(marker, marker)), spec, True
+            )
+            return sorted(n for n, m in model.named_modules() if getattr(m, "processor", None) is marker)
+        finally:
+            for n, m in model.named_modules():
+                if n in processors:
+                    m.processor = processors[n]
+
+    for spec in (["transformer_blocks.1"], ["blocks.1", "blocks.3"], ["attn2"]):
+        if spec == ["attn2"] and not dual:
+            with pytest.raises(ValueError):
+                diffusers_picks(spec)
+            with pytest.raises(SelectorError):
+                select(layers, ac.PAG(spec, match="diffusers").layers)
+            continue
+        picked = sorted(names(select(layers, ac.PAG(spec, match="diffusers").layers)))
+        assert picked == diffusers_picks(spec)
+    attn = [f"transformer_blocks.{i}.attn" for i in (1, 10, 11)]
+    attn2 = [f"transformer_blocks.{i}.attn2" for i in (1, 10) if i in dual]
+    assert sorted(names(select(layers, ac.PAG("transformer_blocks.1", match="diffusers").layers))) == sorted(attn + attn2)
+    # the whole-segment default: block 1 only
+    assert sorted(names(select(layers, ac.PAG("transformer_blocks.1").layers))) == sorted(
+        ["transformer_blocks.1.attn"] + (["transformer_blocks.1.attn2"] if 1 in dual else [])
+    )
+    with pytest.raises(ValueError, match="match must be one of"):
+        ac.PAG("mid", match="regex")

@@ -182,10 +182,24 @@ class PAG(HeadPerturbation):
             ``"down_blocks.2.attentions.0"``, ``"transformer_blocks.7"``), matched on whole dotted
             segments (``blocks.1`` never selects ``blocks.10``); self-attention layers only.
         scale: s. adaptive_scale: s_a. steps: step range.
+        match: ``"segments"`` (default) as above; ``"diffusers"`` reads each path as diffusers'
+            ``pag_applied_layers`` does (``re.search``: on SD3, ``"blocks.1"`` is blocks 1 and 10–19),
+            to reproduce numbers made with diffusers' PAG pipelines.
     """
 
     name = "pag"
+    MATCHES = ("segments", "diffusers")
 
-    def __init__(self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None):
+    def __init__(
+        self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None,
+        match: str = "segments",
+    ):
+        if match not in self.MATCHES:
+            raise ValueError(f"match must be one of {self.MATCHES}, got {match!r}")
         items = [layers] if isinstance(layers, str) else list(layers)
+        if match == "diffusers":
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError("match='diffusers' takes layer paths as strings, as pag_applied_layers does")
+            items = [f"search={item}" for item in items]
+        self.match = match
         super().__init__(items, scale=scale, softness=1.0, adaptive_scale=adaptive_scale, steps=steps)
