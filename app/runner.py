@@ -152,15 +152,9 @@ def image_hash(image: Image.Image) -> str:
 
 def word_choices(prompt: str) -> list[str]:
     """The prompt's words as chips: in order, repeats as ``word#2`` (what controls accept)."""
-    from attnctrl.tokens import prompt_words
+    from attnctrl.tokens import word_labels
 
-    seen: dict[str, int] = {}
-    out = []
-    for w in prompt_words(prompt or ""):
-        k = w.casefold()
-        seen[k] = seen.get(k, 0) + 1
-        out.append(w if seen[k] == 1 else f"{w}#{seen[k]}")
-    return out
+    return word_labels(prompt or "")
 
 
 def check_words(pipe, prompt: str, field_name: str, control: str, value: Any) -> None:

@@ -92,15 +92,10 @@ class AttentionMapResult:
 
     def words(self, image: int, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """Map of every word of image `image`'s prompt, in prompt order (repeats as "word#2")."""
-        from .tokens import prompt_words
+        from .tokens import word_labels
 
         maps = self.combined(size)[image]  # once, not per word
-        out, seen = {}, {}
-        for w in prompt_words(self.prompt_of(image)):
-            seen[w] = seen.get(w, 0) + 1
-            key = w if seen[w] == 1 else f"{w}#{seen[w]}"
-            out[key] = maps[self.token_indices(image, key)].sum(0)
-        return out
+        return {label: maps[self.token_indices(image, label)].sum(0) for label in word_labels(self.prompt_of(image))}
 
     # ---- rendering ---------------------------------------------------------------------------
     def render(self, image: int = 0, picture: Image.Image | None = None, tile: int = 160, alpha: float = 0.55) -> Image.Image:

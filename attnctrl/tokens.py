@@ -32,6 +32,7 @@ __all__ = [
     "TokenError",
     "TokenRow",
     "prompt_words",
+    "word_labels",
     "resolve",
     "token_table",
     "format_table",
@@ -94,6 +95,13 @@ def _words(prompt: str) -> list[_Word]:
 def prompt_words(prompt: str) -> list[str]:
     """The words of ``prompt`` in order, as written (punctuation dropped)."""
     return [w.text for w in _words(prompt)]
+
+
+def word_labels(prompt: str) -> list[str]:
+    """One label per word of ``prompt``, in order, that resolves to that word: as written, and
+    ``word#n`` for its n-th occurrence, counted case-insensitively as `resolve` counts
+    ("A Cat and a cat" → A, Cat, and, a#2, cat#2). The maps, the CLI and the app all label with it."""
+    return _labels(_words(prompt))
 
 
 def _check_prompt(prompt: Any) -> list[_Word]:

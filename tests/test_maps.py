@@ -95,3 +95,20 @@ def test_joint_attention_words_map_to_t5_positions(tiny, name, prefix):
     combined = out.maps.combined()[0]
     expected = combined[prefix + t5_pos] + (combined[3] if name == "tiny-sd3" else 0)  # CLIP "car" is index 3
     assert torch.allclose(out.maps.word(0, "car"), expected)
+
+
+def test_repeated_words_in_any_case_get_their_own_maps(tiny):
+    """"A Cat and a cat": the second cat is "cat#2" (counted case-insensitively, as words resolve),
+    and its map is its own token's (token 5), not the first cat's (token 2)."""
+    from attnctrl.app.runner import word_choices
+    from attnctrl.tokens import word_labels
+
+    prompt = "A Cat and a cat"
+    assert word_labels(prompt) == ["A", "Cat", "and", "a#2", "cat#2"]
+    assert word_choices(prompt) == word_labels(prompt)  # the app's chips are the same labels
+    out = ControlledPipeline(tiny("tiny-sd"))(prompt, seed=0, controls=[ac.AttentionMaps()], **call_kwargs("tiny-sd"))
+    words = out.maps.words(0)
+    assert list(words) == word_labels(prompt)
+    combined = out.maps.combined()[0]
+    for label, token in zip(words, [1, 2, 3, 4, 5]):  # CLIP: <|startoftext|> a cat and a cat
+        assert torch.equal(words[label], combined[token])
