@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +192,7 @@ class PAG(HeadPerturbation):
 
     def __init__(
         self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None,
-        match: str = "segments",
+        match: Literal["segments", "diffusers"] = "segments",
     ):
         if match not in self.MATCHES:
             raise ValueError(f"match must be one of {self.MATCHES}, got {match!r}")
