@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from attnctrl.models.loading import model_key
 from attnctrl.controls.registry import (
     CONTROLS,
     ControlArgError,
@@ -50,13 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def model_key(model: str | None) -> str:
-    """Canonical cache key of a model text (embedded names are case-insensitive)."""
-    from attnctrl.models import loading
-    text = (model or "").strip() or loading.DEFAULT_MODEL
-    return text.lower() if text.lower() in loading.EMBEDDED_MODELS else text
 
 
 # ------------------------------------------------------------------------------------ models
@@ -314,18 +308,16 @@ def build_controls(req: Request, pipe=None) -> list:
 
 def cli_command(req: Request, size: tuple[int, int]) -> str:
     """The ``attnctrl generate`` command that reproduces the run (image and heatmaps)."""
-    from attnctrl.cli import PROG
+    from attnctrl.reproduce import PROG, reproduce_argv
 
     width, height = size
-    argv = [PROG, "generate", req.prompt, "--model", model_key(req.model), "--seed", str(int(req.seed)),
-            "--steps", str(int(req.steps)), "--guidance", repr(float(req.guidance)),
-            "--height", str(height), "--width", str(width)]
-    if req.negative:
-        argv += ["--negative", req.negative]
-    if req.num_images != 1:
-        argv += ["--num-images", str(int(req.num_images))]
-    for name, items in req.controls:
-        argv += ["--control", name, *items]
+    params = {
+        "prompt": req.prompt, "model": model_key(req.model), "seed": int(req.seed), "steps": int(req.steps),
+        "guidance": float(req.guidance), "height": height, "width": width, "negative_prompt": req.negative or None,
+        "num_images": int(req.num_images),
+        "controls": [{"name": name, "args": dict(item.split("=", 1) for item in items)} for name, items in req.controls],
+    }
+    argv = [PROG, *reproduce_argv(params)]
     if not req.user_maps:
         argv.append("--maps")
     argv += ["-o", "attnctrl.png"]

@@ -28,11 +28,10 @@ def load(model=None, **kwargs):
     ``ac.load()`` gives the embedded default model; keyword arguments (``torch_dtype``, ``device``)
     go to the loader.
     """
-    from attnctrl.models.loading import DEFAULT_MODEL, EMBEDDED_DEFAULTS, load_pipeline
+    from attnctrl.models.loading import EMBEDDED_DEFAULTS, load_pipeline, model_key
     from attnctrl.pipelines import ControlledPipeline
 
-    name = (DEFAULT_MODEL if model is None else model) if isinstance(model, (str, type(None))) else None
-    defaults = EMBEDDED_DEFAULTS.get(name.strip().lower(), {}) if name else {}
+    defaults = EMBEDDED_DEFAULTS.get(model_key(model), {}) if isinstance(model, (str, type(None))) else {}
     return ControlledPipeline(load_pipeline(model, **kwargs), defaults=defaults)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 KINDS = ("self", "cross", "joint")
+#: The order a forward pass runs the places in: down, mid, up (UNet); double, then single blocks (DiT).
+PLACE_ORDER = {"down": 0, "mid": 1, "up": 2, "blocks": 3, "single": 4}
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,11 @@ def list_layers(denoiser: nn.Module) -> list[LayerInfo]:
     if hasattr(denoiser, "transformer_blocks"):
         return [_transformer_layer(denoiser, n) for n in names]
     raise TypeError(f"unsupported denoiser {type(denoiser).__name__}: expected a UNet or an SD3/FLUX transformer")
+
+
+def forward_order(layers: list) -> list:
+    """Layers (`LayerInfo`, or anything with ``.place``) in the order a forward pass runs them.
+
+    ``attn_processors`` lists a UNet's mid block last; this puts it between down and up. The sort is
+    stable, so the order within a place (block by block) is kept."""
+    return sorted(layers, key=lambda layer: PLACE_ORDER.get(layer.place, len(PLACE_ORDER)))

@@ -121,6 +121,10 @@ class ControlledPipeline:
             f = pipe.vae_scale_factor * 2
         return (height or d) // f, (width or d) // f
 
+    def call_defaults(self) -> dict:
+        """The keyword defaults a call uses: the wrapped pipeline's own, with this wrapper's on top."""
+        return {**call_defaults(self.pipe), **self.defaults}
+
     def __getattr__(self, name: str):
         # components and helpers of the wrapped pipeline (tokenizer, scheduler, vae, to(), ...)
         if name == "pipe":

@@ -194,7 +194,7 @@ def test_genuine_bugs_keep_their_traceback(monkeypatch, tmp_path):
     def boom(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("attnctrl.cli._load", boom)
+    monkeypatch.setattr("attnctrl.cli.common.load_model", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["generate", "a car", "-o", str(tmp_path / "x.png")])
     assert os.listdir(tmp_path) == []

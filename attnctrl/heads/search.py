@@ -331,7 +331,7 @@ def search_heads(
     name = scorer_id(scorer)
     scorer_fn = get_scorer(scorer)
     if steps is None:
-        steps = {**call_defaults(pipe.pipe), **pipe.defaults}.get("num_inference_steps") or 50
+        steps = pipe.call_defaults().get("num_inference_steps") or 50
     _positive_int("steps", steps)
     cands = candidate_heads(pipe, candidates, call_kwargs.get("height"), call_kwargs.get("width"))
 

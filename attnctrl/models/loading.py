@@ -10,8 +10,6 @@ from typing import Any
 
 import torch
 
-from attnctrl.shapes.model import SHAPES_DEFAULTS
-
 from .tiny import TINY_DEFAULTS, TINY_MODELS, build_tiny
 
 __all__ = [
@@ -23,6 +21,7 @@ __all__ = [
     "UnsupportedModelError",
     "load_pipeline",
     "family_of",
+    "model_key",
 ]
 
 #: Embedded offline models: the tiny random-weight ones and the trained Shapes model.
@@ -30,6 +29,9 @@ EMBEDDED_MODELS: dict[str, str] = {
     **TINY_MODELS,
     "shapes": "trained SD-style model of the Shapes world (coloured circles, squares, triangles; 64 px)",
 }
+
+#: Call defaults for the Shapes model (`attnctrl.shapes` is imported only when it is loaded).
+SHAPES_DEFAULTS: dict[str, object] = {"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0}
 
 #: Recommended call kwargs of each embedded model (``ac.load`` applies them).
 EMBEDDED_DEFAULTS: dict[str, dict[str, object]] = {
@@ -52,6 +54,13 @@ class ModelLoadError(ValueError):
 
 class UnsupportedModelError(ValueError):
     """The pipeline is not of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX)."""
+
+
+def model_key(model: str | None) -> str:
+    """The one spelling of a model text: stripped, the default when empty, embedded names in lower
+    case (they are case-insensitive); hub ids and paths as given. Used to load, cache and record."""
+    text = (model or "").strip() or DEFAULT_MODEL
+    return text.lower() if text.lower() in EMBEDDED_MODELS else text
 
 
 def _embedded_list() -> str:
@@ -102,14 +111,15 @@ def load_pipeline(
         raise TypeError(
             f"model must be a name, a path, a hub id or a diffusers DiffusionPipeline, not {type(model).__name__}"
         )
-    if model.strip().lower() == "shapes":
+    key = model_key(model) if model.strip() else model
+    if key == "shapes":
         from attnctrl.shapes.model import load_shapes_pipeline
 
         _refuse_kwargs(kwargs, "the embedded model 'shapes'")
         return _place(load_shapes_pipeline(), torch_dtype, device)
-    if model.strip().lower() in TINY_MODELS:
-        _refuse_kwargs(kwargs, f"the embedded model {model.strip().lower()!r}")
-        return _place(build_tiny(model.strip().lower()), torch_dtype, device)
+    if key in TINY_MODELS:
+        _refuse_kwargs(kwargs, f"the embedded model {key!r}")
+        return _place(build_tiny(key), torch_dtype, device)
 
     path = Path(model).expanduser()
     if path.exists():

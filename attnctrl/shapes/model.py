@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.loading import SHAPES_DEFAULTS  # the embedded-model table is its one home
 from .data import VOCABULARY
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "write_tokenizer",
 ]
 
-#: Call defaults for the Shapes model (``ac.load("shapes")`` applies them).
-SHAPES_DEFAULTS: dict[str, object] = {"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0}
 MAX_LENGTH = 24  # token positions: the longest caption of the world plus <bos>/<eos> fits
 _TEXT_DIM = 96
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"

@@ -5,18 +5,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from attnctrl.cli import PROG, CLIError, _float, _load, _model_key, _Outputs, _Parser, _positive_int, _UsageError
-
-
-def _positive_float(text: str) -> float:
-    v = _float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return v
+from . import common
+from .common import PROG, CLIError, Parser, UsageError, float_arg, positive_float, positive_int, read_prompts
 
 
 def _softness(text: str) -> float:
-    v = _float(text)
+    v = float_arg(text)
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
     return v
@@ -31,7 +25,7 @@ def add_heads_parser(sub, models: str) -> None:
         help="find attention heads for perturbation guidance (HeadHunter)",
         description="Attention-head tools for HeadPerturbation guidance.",
     )
-    hsub = h.add_subparsers(dest="heads_command", metavar="ACTION", parser_class=_Parser)
+    hsub = h.add_subparsers(dest="heads_command", metavar="ACTION", parser_class=Parser)
     h.set_defaults(func=_cmd_heads_missing)
     s = hsub.add_parser(
         "search",
@@ -50,22 +44,22 @@ def add_heads_parser(sub, models: str) -> None:
     )
     s.add_argument("--model", "-m", default=None, help=f"{models} (default: tiny-sd)")
     s.add_argument("--prompts", required=True, metavar="FILE", help="text file, one prompt per line (blank lines skipped)")
-    s.add_argument("--seeds", type=_positive_int, default=2, metavar="N", help="score each prompt on seeds 0..N-1 (default: 2)")
-    s.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="most heads to pick (default: 3)")
-    s.add_argument("--top-k", type=_positive_int, default=4, metavar="K",
+    s.add_argument("--seeds", type=positive_int, default=2, metavar="N", help="score each prompt on seeds 0..N-1 (default: 2)")
+    s.add_argument("--rounds", type=positive_int, default=3, metavar="R", help="most heads to pick (default: 3)")
+    s.add_argument("--top-k", type=positive_int, default=4, metavar="K",
                    help="best remaining single heads tried in each round after the first (default: 4)")
     s.add_argument("--scorer", required=True, metavar="NAME", help="built-in scorer name or package.module:function")
     s.add_argument("--candidates", default="self", metavar="SELECTOR",
                    help="layer selector for the candidate layers, several separated by ';' "
                         "(e.g. 'mid;up_blocks.1'); self-attention parts only (default: self)")
-    s.add_argument("--scale", type=_positive_float, default=3.0, metavar="S", help="perturbation guidance scale (default: 3)")
+    s.add_argument("--scale", type=positive_float, default=3.0, metavar="S", help="perturbation guidance scale (default: 3)")
     s.add_argument("--softness", type=_softness, default=1.0, metavar="U", help="SoftPAG u in (0, 1] (default: 1)")
     s.add_argument("--kind", choices=("identity", "uniform"), default="identity", help="perturbed map: I or uniform (default: identity)")
-    s.add_argument("--steps", type=_positive_int, default=None,
+    s.add_argument("--steps", type=positive_int, default=None,
                    help="denoising steps per image (default: 4 for embedded tiny models, else the pipeline's)")
-    s.add_argument("--guidance", type=_float, default=None, help="CFG scale (default: the pipeline's)")
-    s.add_argument("--height", type=_positive_int, default=None, help="image height in pixels")
-    s.add_argument("--width", type=_positive_int, default=None, help="image width in pixels")
+    s.add_argument("--guidance", type=float_arg, default=None, help="CFG scale (default: the pipeline's)")
+    s.add_argument("--height", type=positive_int, default=None, help="image height in pixels")
+    s.add_argument("--width", type=positive_int, default=None, help="image width in pixels")
     s.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     s.add_argument("--cache", default=None, metavar="DIR", help="cache evaluations here; a rerun resumes without regenerating")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,32 +68,17 @@ def add_heads_parser(sub, models: str) -> None:
 
 
 def _cmd_heads_missing(args: argparse.Namespace) -> int:
-    raise _UsageError(f"choose an action: search (see '{PROG} heads --help')")
-
-
-def _read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.exists():
-        raise CLIError(f"prompts file {path!r} does not exist")
-    if not p.is_file():
-        raise CLIError(f"prompts file {path!r} is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CLIError(f"prompts file {path!r} is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise CLIError(f"prompts file {path!r} has no prompts (one per line)")
-    return prompts
+    raise UsageError(f"choose an action: search (see '{PROG} heads --help')")
 
 
 def _cmd_heads_search(args: argparse.Namespace) -> int:
     from attnctrl.heads.scorers import get_scorer
     from attnctrl.heads.search import candidate_heads, search_heads
+    from attnctrl.models.loading import model_key
     from attnctrl.models.tiny import TINY_MODELS
     from attnctrl.selectors import Selector
 
-    prompts = _read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)
     get_scorer(args.scorer)  # unknown name / unimportable path: fail before loading a model
     selectors = [part.strip() for part in args.candidates.split(";")]
     for part in selectors:
@@ -108,11 +87,11 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
     if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise CLIError(f"cache {args.cache!r} is not a directory")
     out = Path(args.output)
-    outputs = _Outputs([out], suffix=".json", why="HeadPerturbation(heads=...) reads .json files")
+    outputs = common.Outputs([out], suffix=".json", why="HeadPerturbation(heads=...) reads .json files")
     try:
-        model = _model_key(args.model)
-        pipe = _load(args.model)
-        steps = args.steps if args.steps is not None else (4 if model.lower() in TINY_MODELS else None)
+        model = model_key(args.model)
+        pipe = common.load_model(args.model)
+        steps = args.steps if args.steps is not None else (4 if model in TINY_MODELS else None)
         kw: dict[str, Any] = {}
         for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width),
                            ("negative_prompt", args.negative)):

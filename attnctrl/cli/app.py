@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from attnctrl.cli import CLIError, _positive_int
+from .common import CLIError, positive_int
 
 
 def add_app_parser(sub, models: str) -> None:
@@ -21,12 +21,12 @@ def add_app_parser(sub, models: str) -> None:
     )
     a.add_argument("--model", "-m", default=None, help=f"model preselected in the page: {models} (default: {DEFAULT_MODEL})")
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    a.add_argument("--port", type=_positive_int, default=7860, help="port (default: 7860)")
+    a.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
     a.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
                    help="create a public gradio.live link (default: --no-share)")
-    a.add_argument("--concurrency", type=_positive_int, default=2, metavar="N",
+    a.add_argument("--concurrency", type=positive_int, default=2, metavar="N",
                    help="runs served at the same time (queue concurrency limit; runs on one model take turns). Default: 2")
-    a.add_argument("--cache-size", type=_positive_int, default=2, metavar="N",
+    a.add_argument("--cache-size", type=positive_int, default=2, metavar="N",
                    help="loaded models kept in memory (least recently used dropped first). Default: 2")
     a.set_defaults(func=_cmd_app)
 
