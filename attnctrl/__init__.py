@@ -4,7 +4,6 @@
     pipe = ac.load("tiny-sd")
     out = pipe("a red car and a white sheep", seed=0, controls=[ac.AttentionMaps()])
 """
-from .attach import attach
 from .control import Control
 from .controls import PAG, AttentionMaps, HeadPerturbation
 from .controls import AStar, AttendExcite, Conform
@@ -36,7 +35,8 @@ def load(model=None, **kwargs):
 
 
 def __getattr__(name):
-    if name in ("ControlledPipeline", "ControlledOutput"):
+    # the pipelines layer sits above the core: imported on first use, never by the core itself
+    if name in ("ControlledPipeline", "ControlledOutput", "attach"):
         import attnctrl.pipelines as p
 
         return getattr(p, name)

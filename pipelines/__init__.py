@@ -1,4 +1,6 @@
-"""`ControlledPipeline` and the per-family adapters it uses."""
+"""`ControlledPipeline` (the one denoising loop, with per-family adapters) and `attach` (attention-level
+controls on an unmodified diffusers pipeline)."""
+from .attach import AttachSession, attach
 from .controlled import ControlledOutput, ControlledPipeline
 
-__all__ = ["ControlledPipeline", "ControlledOutput"]
+__all__ = ["ControlledPipeline", "ControlledOutput", "attach", "AttachSession"]

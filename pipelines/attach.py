@@ -18,11 +18,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .control import Control
-from .layers import list_layers
-from .plan import build_plan, check_controls
-from .selectors import as_selectors, select
-from .state import BatchLayout, RunContext, StepState
+from attnctrl.control import Control
+from attnctrl.layers import list_layers
+from attnctrl.models.loading import family_of
+from attnctrl.plan import build_plan, check_controls
+from attnctrl.processors.install import installed
+from attnctrl.selectors import as_selectors, select
+from attnctrl.state import BatchLayout, RunContext, StepState
 
 LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 
@@ -60,9 +62,6 @@ def _step_index(scheduler, t: float) -> int:
 @contextmanager
 def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSession]:
     """Attach attention-level `controls` to a diffusers (or Controlled) pipeline for the block."""
-    from attnctrl.models.loading import family_of
-    from attnctrl.processors.install import installed
-
     pipe = getattr(pipe, "pipe", pipe)
     family = family_of(pipe)
     controls = check_controls(controls)
