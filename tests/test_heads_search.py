@@ -1,4 +1,4 @@
-"""HeadHunter head search (`attnctrl.heads`, arXiv:2506.10978): picks agree with a hand evaluation,
+"""HeadHunter head search (`attnctrl.pipelines.head_search`, arXiv:2506.10978): picks agree with a hand evaluation,
 the found heads round-trip through JSON, searches resume from their cache, CLI, user scorers, bad input."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 
 from attnctrl import HeadPerturbation
 from attnctrl.cli import main
-from attnctrl.heads import SCORERS, HeadSearchResult, candidate_heads, get_scorer, scorer_id, search_heads
-from attnctrl.heads.scorers import apply_scorer, colorfulness, contrast, gradient, sharpness
+from attnctrl.pipelines.head_search import HeadSearchResult, candidate_heads, search_heads
+from attnctrl.scorers import SCORERS, apply_scorer, colorfulness, contrast, get_scorer, gradient, scorer_id, sharpness
 from attnctrl.pipelines import ControlledPipeline
 
 PROMPTS = ["a red car and a white sheep"]

@@ -1,4 +1,4 @@
-"""``attnctrl heads search``: the command-line front of `attnctrl.heads.search.search_heads`."""
+"""``attnctrl heads search``: the command-line front of `attnctrl.pipelines.head_search.search_heads`."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ def _softness(text: str) -> float:
 
 def add_heads_parser(sub, models: str) -> None:
     """``attnctrl heads search``: HeadHunter greedy head selection (arXiv:2506.10978)."""
-    from attnctrl.heads.scorers import SCORERS
+    from attnctrl.scorers import SCORERS
 
     h = sub.add_parser(
         "heads",
@@ -72,8 +72,8 @@ def _cmd_heads_missing(args: argparse.Namespace) -> int:
 
 
 def _cmd_heads_search(args: argparse.Namespace) -> int:
-    from attnctrl.heads.scorers import get_scorer
-    from attnctrl.heads.search import candidate_heads, search_heads
+    from attnctrl.scorers import get_scorer
+    from attnctrl.pipelines.head_search import candidate_heads, search_heads
     from attnctrl.models.loading import model_key
     from attnctrl.models.tiny import TINY_MODELS
     from attnctrl.selectors import Selector

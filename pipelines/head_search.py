@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
-from ..controls.perturbation import KINDS, HeadPerturbation
-from ..selectors import select
-from .scorers import apply_scorer, get_scorer, scorer_id
+from attnctrl.controls.perturbation import KINDS, HeadPerturbation
+from attnctrl.scorers import apply_scorer, get_scorer, scorer_id
+from attnctrl.selectors import select
+
+from .controlled import ControlledPipeline
 
 __all__ = ["HeadSearchResult", "candidate_heads", "evaluate_heads", "model_fingerprint", "search_heads"]
 
@@ -68,7 +70,7 @@ class HeadSearchResult:
     cache_file: str | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        from .. import __version__
+        from attnctrl import __version__
 
         return {
             "heads": [[layer, int(h)] for layer, h in self.heads],
@@ -322,9 +324,6 @@ def search_heads(
         model_id: a label for the model in the result (the cache key also holds a weight fingerprint).
         **call_kwargs: the pipeline's own arguments (``guidance_scale``, ``height``, ``negative_prompt``...).
     """
-    from ..pipelines import ControlledPipeline
-    from ..pipelines.adapters.base import call_defaults
-
     prompts, seeds = _check_inputs(prompts, seeds, rounds, top_k, scale, softness, kind, call_kwargs)
     if not isinstance(pipe, ControlledPipeline):
         pipe = ControlledPipeline(pipe)
