@@ -3,10 +3,11 @@
 All functions are differentiable and work on plain tensors, so each is tested on hand-made maps:
 
 * `token_maps`    — Attend-and-Excite's preprocessing: softmax(100·A) over the text tokens without
-                    the first (BOS) and last position, then the maps of the chosen tokens;
+                    the first (BOS) and last position (or, with ``last=``, over the prompt's own tokens
+                    only: A&E's ``normalize_eot`` for SD 2.x), then the maps of the chosen tokens;
 * `smooth`        — the reference Gaussian smoothing (kernel 3, σ 0.5, reflect padding);
 * `excite_loss`   — Attend-and-Excite (Chefer et al., 2023), Eq. 2: ``max_s (1 − max A_s)``;
-* `segregation_loss`, `retention_loss` — A-STAR (Agarwal et al., ICCV 2023);
+* `segregation_loss`, `retention_loss` — A-STAR (Agarwal et al., ICCV 2023), Eq. 2 and Eq. 3;
 * `nt_xent_loss`  — CONFORM (Meral et al., CVPR 2024): NT-Xent over map embeddings.
 """
 from __future__ import annotations
@@ -46,15 +47,29 @@ def smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tenso
 
 
 def token_maps(
-    maps: torch.Tensor, subjects: Sequence[Sequence[int]], *, softmax_scale: float | None = 100.0
+    maps: torch.Tensor,
+    subjects: Sequence[Sequence[int]],
+    *,
+    softmax_scale: float | None = 100.0,
+    last: int | None = None,
 ) -> torch.Tensor:
     """Per-subject maps (S, H, W) from aggregated cross-attention maps (H, W, T).
 
-    As in Attend-and-Excite, the first and the last of the T positions are dropped and the rest
-    renormalised with ``softmax(softmax_scale · A)`` (None: no renormalisation). A subject given by
-    several token indices (a word split into sub-words) is the sum of their maps.
+    As in Attend-and-Excite, positions ``1 .. last−1`` are kept (the start token and everything
+    from `last` on are dropped) and renormalised with ``softmax(softmax_scale · A)`` (None: no
+    renormalisation). ``last=None`` is the reference default, the last of the T positions (the
+    slice ``1:-1``); ``last=`` the prompt's end-of-text index is the reference's
+    ``normalize_eot=True`` (its SD 2.1 setting): the softmax then runs over the prompt's own tokens
+    only, not over the end token and the padding. A subject given by several token indices (a word
+    split into sub-words) is the sum of their maps.
     """
-    text = maps[..., 1:-1]
+    end = maps.shape[-1] - 1 if last is None else int(last)
+    if not 1 < end <= maps.shape[-1] - 1:
+        raise ValueError(f"last={last!r}: the kept positions 1..last-1 must be a non-empty part of 1..{maps.shape[-1] - 2}")
+    bad = [i for idx in subjects for i in idx if not 1 <= i < end]
+    if bad:
+        raise ValueError(f"token indices {bad} are outside the renormalised positions 1..{end - 1}")
+    text = maps[..., 1:end]
     if softmax_scale is not None:
         text = (text * softmax_scale).softmax(dim=-1)
     return torch.stack([text[..., [i - 1 for i in idx]].sum(-1) for idx in subjects])
@@ -66,41 +81,78 @@ def excite_loss(subject_maps: torch.Tensor) -> torch.Tensor:
     return (1.0 - peaks).clamp(min=0).max(dim=0).values
 
 
-def segregation_loss(subject_maps: torch.Tensor) -> torch.Tensor:
-    """A-STAR segregation: mean over subject pairs (m, n) of ``Σ min(A_m, A_n) / Σ (A_m + A_n)``.
+REDUCTIONS = ("sum", "mean")
 
-    0 for maps with disjoint support; 0.5 (its maximum) for identical maps. Fewer than two
-    subjects: 0.
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
+def segregation_loss(subject_maps: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """A-STAR attention segregation, paper Eq. 2, over subject maps (S, H, W):
+
+    ``L_seg = Σ_{m>n} Σ_ij min(A_m, A_n)_ij / Σ_ij (A_m + A_n)_ij``
+
+    summed over the subject pairs as the paper writes it (``reduction="mean"``: averaged over the
+    pairs instead). Each term is 0 for maps with disjoint support and 0.5 (its maximum) for
+    identical maps. Fewer than two subjects: 0.
     """
-    pairs = list(combinations(range(subject_maps.shape[0]), 2))
-    if not pairs:
+    _check_reduction(reduction)
+    n = subject_maps.shape[0]
+    if n < 2:
         return subject_maps.sum() * 0.0
     terms = [
-        torch.minimum(subject_maps[m], subject_maps[n]).sum() / (subject_maps[m] + subject_maps[n]).sum().clamp_min(1e-12)
-        for m, n in pairs
+        torch.minimum(subject_maps[m], subject_maps[k]).sum() / (subject_maps[m] + subject_maps[k]).sum().clamp_min(1e-12)
+        for m, k in combinations(range(n), 2)
     ]
-    return torch.stack(terms).mean()
+    return _reduce(torch.stack(terms), reduction)
 
 
 def binarize(subject_maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """1 where a map reaches `threshold` × its own maximum, else 0 (no gradient)."""
+    """1 where a map reaches `threshold` × its own maximum, else 0 (no gradient).
+
+    A-STAR's ``B_t`` (§3.4): the paper binarises "the pixel regions with high activations" without
+    a number; the threshold relative to each map's peak is our choice."""
     flat = subject_maps.detach().flatten(1)
     peak = flat.max(dim=1, keepdim=True).values.clamp_min(1e-12)
     return (flat >= threshold * peak).to(subject_maps.dtype).view_as(subject_maps)
 
 
-def retention_loss(subject_maps: torch.Tensor, previous_masks: torch.Tensor) -> torch.Tensor:
-    """A-STAR retention: mean over subjects of ``1 − soft-IoU(A_s / max A_s, B_s)``.
+RETENTION_FORMS = ("paper", "soft-iou")
 
-    ``B_s`` is the binarised map of the previous step (`binarize`); 0 when the current map,
-    scaled to a peak of 1, equals that mask; 1 when they do not overlap.
+
+def retention_loss(
+    subject_maps: torch.Tensor, previous_masks: torch.Tensor, *, form: str = "paper", reduction: str = "sum"
+) -> torch.Tensor:
+    """A-STAR attention retention between the current maps and the previous step's binary masks.
+
+    ``form="paper"`` is the paper's Eq. 3, with ``A`` the current map (the paper's ``A_{t−1}``) and
+    ``B`` the binarised map of the previous step (its ``B_t``, see `binarize`):
+
+    ``L_ret = Σ_m [1 − Σ_ij min(A_m, B_m)_ij / Σ_ij (A_m + B_m)_ij]``
+
+    summed over the subjects (``reduction="mean"``: averaged). Each term is 1 when the map leaves
+    its mask and 0.5 at best (``A_m = B_m``); for maps below 1 it is ``1 − Σ_{B} A / (Σ A + |B|)``.
+
+    ``form="soft-iou"`` is attnctrl's earlier reading, kept as an option: ``1 − Σ a·B / Σ (a + B − a·B)``
+    with the current map rescaled to a peak of 1 (``a = A / max A``): 0 when that equals the mask.
     """
+    _check_reduction(reduction)
+    b = previous_masks.flatten(1).to(subject_maps)
     a = subject_maps.flatten(1)
-    a = a / a.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-    b = previous_masks.flatten(1).to(a)
-    inter = (a * b).sum(1)
-    union = (a + b - a * b).sum(1).clamp_min(1e-12)
-    return (1.0 - inter / union).mean()
+    if form == "paper":
+        ratio = torch.minimum(a, b).sum(1) / (a + b).sum(1).clamp_min(1e-12)
+    elif form == "soft-iou":
+        a = a / a.max(dim=1, keepdim=True).values.clamp_min(1e-12)
+        ratio = (a * b).sum(1) / (a + b - a * b).sum(1).clamp_min(1e-12)
+    else:
+        raise ValueError(f"retention form must be one of {RETENTION_FORMS}, got {form!r}")
+    return _reduce(1.0 - ratio, reduction)
 
 
 def nt_xent_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -108,7 +160,9 @@ def nt_xent_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: fl
 
     Cosine similarities s/τ. For every ordered positive pair (a, p), a ≠ p with the same label:
     ``−log( e^{s_ap} / (e^{s_ap} + Σ_{n: label_n ≠ label_a} e^{s_an}) )``, averaged over the pairs.
-    No positive pair: 0.
+    No positive pair, or no negative at all (one class): 0. This is
+    ``pytorch_metric_learning.losses.NTXentLoss(temperature=τ)`` with its default cosine similarity
+    and mean reduction, which CONFORM's reference calls (checked in the tests).
     """
     z = F.normalize(embeddings.flatten(1), dim=1)
     sim = z @ z.T / temperature
