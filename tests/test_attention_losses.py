@@ -1,10 +1,13 @@
 """AttendExcite, AStar and Conform: parity with diffusers' Attend-and-Excite, neutral ⇒ stock, errors."""
+import copy
+import math
 import warnings
 
 import pytest
 import torch
 
 import attnctrl as ac
+from attnctrl.controls.attention_loss import eot_index, pads_apart
 from attnctrl.controls.registry import parse_control
 from attnctrl.pipelines import ControlledPipeline
 from attnctrl.plan import build_plan
@@ -75,20 +78,295 @@ def test_neutral_settings_equal_stock(tiny, control):
     assert (out - stock_latents(pipe, PROMPTS[1], **kw)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "control",
-    [
-        ac.AStar(tokens=["car", "sheep"], retention=0.0),
-        ac.AStar(tokens=["car", "sheep"], segregation=0.0, retention_steps=(0, 1.0)),
-        ac.Conform(groups=[["red", "car"], ["white", "sheep"]]),
-    ],
-    ids=["segregation", "retention", "conform"],
-)
-def test_each_loss_moves_the_latents(tiny, control):
+# ---- one latent update, recomputed independently ------------------------------------------------
+#
+# The test below re-derives every update z ← z − α_i ∇L(z) from scratch: the cross-attention maps
+# come from a plain explicit-softmax attention processor written here (not attnctrl's) on a float64
+# copy of the UNet, the preprocessing and the equations are written out again, NT-Xent is
+# pytorch-metric-learning's, and the gradient is torch.autograd's. Only the latents before and after
+# each update are read from the run.
+
+
+class _ExplicitAttention:
+    """Stock attention written out (q·kᵀ·scale → softmax → ·v); keeps the cross-attention
+    probabilities of the layers whose query length is `lq`, as (B, H, Lq, T)."""
+
+    def __init__(self, store: list, lq: int):
+        self.store, self.lq = store, lq
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        assert attention_mask is None and attn.group_norm is None and attn.spatial_norm is None
+        assert hidden_states.ndim == 3 and not attn.residual_connection and attn.rescale_output_factor == 1.0
+        cross = encoder_hidden_states is not None
+        ctx = encoder_hidden_states if cross else hidden_states
+        b, h = hidden_states.shape[0], attn.heads
+        q, k, v = (x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2) for x in (attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)))
+        p = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+        if cross and p.shape[2] == self.lq:
+            self.store.append(p)
+        o = (p @ v).transpose(1, 2).reshape(b, -1, h * v.shape[-1])
+        return attn.to_out[1](attn.to_out[0](o))
+
+
+def _raw_maps(unet, z, t, cond, res):
+    """(res, res, T) cross-attention maps at latents `z`: mean over the layers at `res` and their heads.
+
+    `unet` is a private copy (DDIM's scale_model_input is the identity, so z goes in as it is)."""
+    store: list = []
+    unet.set_attn_processor(_ExplicitAttention(store, res * res))
+    unet(z, t, encoder_hidden_states=cond)
+    assert store, f"no cross-attention layer at {res}×{res}"
+    total = sum(p[0].sum(0) for p in store)  # Σ over layers and heads of the one conditional row
+    return (total / sum(p.shape[1] for p in store)).reshape(res, res, -1)
+
+
+def _kernel(size=3, sigma=0.5):
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-((x / (2 * sigma)) ** 2))  # the A&E reference's exponent
+    k = g[:, None] * g[None, :]
+    return k / k.sum()
+
+
+def _preprocess(raw, indices, softmax=True, pixel_softmax=False, last=-1):
+    """A&E / CONFORM preprocessing of (H, W, T) maps: tokens 1..T−2 (softmax ×100; with `last`, the
+    tokens 1..last−1 only), smoothing 3/0.5, optionally a softmax ×100 over each map's pixels."""
+    text = raw[..., 1:last]
+    if softmax:
+        text = (100 * text).softmax(-1)
+    maps = torch.stack([text[..., i - 1] for i in indices])
+    x = torch.nn.functional.pad(maps[:, None], (1, 1, 1, 1), mode="reflect")
+    maps = torch.nn.functional.conv2d(x, _kernel().to(x)[None, None])[:, 0]
+    if pixel_softmax:
+        maps = (100 * maps.flatten(1)).softmax(-1).view_as(maps)
+    return maps
+
+
+def _eq2(a):  # Σ over pairs m > n of Σmin / Σsum
+    return sum(torch.min(a[m], a[n]).sum() / (a[m] + a[n]).sum() for m in range(len(a)) for n in range(m))
+
+
+def _mask(a):  # B: ≥ half of each map's peak
+    return (a >= 0.5 * a.flatten(1).max(1).values[:, None, None]).float()
+
+
+def _eq3(a, b):  # Σ over subjects of 1 − Σmin / Σsum
+    return sum(1 - torch.min(a[m], b[m]).sum() / (a[m] + b[m]).sum() for m in range(len(a)))
+
+
+def _ntxent(groups_labels):
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    loss = NTXentLoss(temperature=0.5)
+
+    def fn(a, prev):
+        emb, labels = a.flatten(1), list(groups_labels)
+        if prev is not None:  # the previous step's maps are positives of their own group
+            emb, labels = torch.cat([emb, prev.flatten(1)]), labels + list(groups_labels)
+        return loss(emb, torch.tensor(labels))
+
+    return fn
+
+
+_PROMPT = "a red car and a white sheep"
+_UPDATE_CASES = {
+    # control, words, loss(a, previous maps), preprocessing kwargs
+    "astar-segregation": (lambda: ac.AStar(tokens=["red", "car", "sheep"], retention=0.0), ["red", "car", "sheep"],
+                          lambda a, prev: _eq2(a), {}),
+    "astar-retention": (lambda: ac.AStar(tokens=["car", "sheep"], segregation=0.0), ["car", "sheep"],
+                        lambda a, prev: None if prev is None else _eq3(a, _mask(prev)), {}),
+    "astar": (lambda: ac.AStar(tokens=["car", "sheep"]), ["car", "sheep"],
+              lambda a, prev: _eq2(a) + (0 if prev is None else _eq3(a, _mask(prev))), {}),
+    "conform": (lambda: ac.Conform(groups=[["red", "car"], ["white", "sheep"]], refinement_steps=()),
+                ["red", "car", "white", "sheep"], _ntxent([0, 0, 1, 1]), {"softmax": False}),
+    "conform-softmaxes": (
+        lambda: ac.Conform(groups=[["red", "car"], ["sheep"]], refinement_steps=(), softmax_normalize=True,
+                           softmax_normalize_attention_maps=True),
+        ["red", "car", "sheep"], _ntxent([0, 0, 1]), {"softmax": True, "pixel_softmax": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_UPDATE_CASES))
+def test_each_update_is_z_minus_alpha_grad_of_the_equation_and_descends(tiny, case):
+    make, words, loss_fn, prep_kw = _UPDATE_CASES[case]
     pipe = tiny("tiny-sd")
-    kw = call_kwargs("tiny-sd")
-    out = ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[control], **kw).images
-    assert (out - stock_latents(pipe, PROMPTS[1], **kw)).abs().max().item() > 1e-4
+    T = 3
+    control, trace = make(), []
+    run_step = control.before_step
+
+    def capture(latents, state, denoise):
+        out = run_step(latents, state, denoise)
+        trace.append((state.index, latents.detach().clone(), out.detach().clone()))
+        return out
+
+    control.before_step = capture
+    ControlledPipeline(pipe)(_PROMPT, seed=0, controls=[control], **call_kwargs("tiny-sd", num_inference_steps=T))
+    assert [i for i, _, _ in trace] == [0, 1, 2]
+
+    tok = pipe.tokenizer
+    ids = tok(_PROMPT).input_ids
+    indices = [ids.index(tok.convert_tokens_to_ids(w + "</w>")) for w in words]
+    unet = copy.deepcopy(pipe.unet).to(torch.float64)
+    with torch.no_grad():
+        cond = pipe.encode_prompt(_PROMPT, "cpu", 1, False)[0].to(torch.float64)
+    pipe.scheduler.set_timesteps(T)
+    res = pipe.unet.config.sample_size // 4  # default maps resolution: latent grid / 4
+
+    def loss_at(z, t, prev):
+        return loss_fn(_preprocess(_raw_maps(unet, z, t, cond, res), indices, **prep_kw), prev)
+
+    prev = None
+    for i, z_in, z_out in trace:
+        t = pipe.scheduler.timesteps[i]
+        alpha = 20 * math.sqrt(1.0 - 0.5 * i / (T - 1))  # A&E: 20·sqrt(linspace(1, 0.5, T))[i]
+        z = z_in.to(torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_at(z, t, prev)
+        if loss is None:  # retention alone at step 0: nothing to retain yet, no update
+            assert i == 0 and torch.equal(z_out, z_in)
+        else:
+            (grad,) = torch.autograd.grad(loss, z)
+            step = alpha * grad
+            assert step.abs().max().item() > 1e-5  # the update is not trivially zero
+            # Tolerance. The reference here is float64; the run is float32: z_out is rounded to float32
+            # (≤ half an ulp of |z|, bounded by eps·max|z|), and its gradient went through a float32
+            # UNet (relative error ~1e-6; 1e-4 of the step leaves room for AVX2 vs AVX-512 kernels).
+            # A wrong α, sign, weight, reduction or map is off by far more than that.
+            err = ((z - step) - z_out.to(torch.float64)).abs().max().item()
+            ulp = torch.finfo(torch.float32).eps * z_in.abs().max().item()
+            assert err <= 1e-4 * step.abs().max().item() + ulp, (i, err, step.abs().max().item(), ulp)
+            with torch.no_grad():  # in float64 the decrease (≈ α·|∇L|²) is far above rounding
+                after = loss_at(z_out.to(torch.float64), t, prev).item()
+            assert after < loss.item(), (i, loss.item(), after)  # the update lowers the loss it followed
+        with torch.no_grad():  # the maps this step measured become the next step's "previous"
+            prev = _preprocess(_raw_maps(unet, z_in.to(torch.float64), t, cond, res), indices, **prep_kw)
+
+
+def _sd2_like(pipe):
+    """tiny-sd with an OpenCLIP-style tokenizer: pads with "!" (id 0) instead of its end token."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from attnctrl.models.tiny import tokenizer_dir
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir("clip"), model_max_length=77, pad_token="!")
+    parts = {**pipe.components, "tokenizer": tok}
+    out = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def test_normalize_eot_is_detected_from_the_tokenizer():
+    from transformers import CLIPTokenizer
+
+    from attnctrl.models.tiny import clip_tokenizer, tokenizer_dir
+
+    sd1 = clip_tokenizer()  # pads with <|endoftext|>
+    sd2 = CLIPTokenizer.from_pretrained(tokenizer_dir("clip"), model_max_length=77, pad_token="!")
+    assert sd1.pad_token == sd1.eos_token == "<|endoftext|>" and not pads_apart(sd1)
+    assert sd2.pad_token == "!" and sd2.pad_token_id == 0 and pads_apart(sd2)
+    # BOS a cat and a frog EOT: the end token is at 6
+    assert eot_index(sd2, "a cat and a frog") == 6
+    assert eot_index(sd2, " ".join(["cat"] * 100)) == 76  # truncated at 77 positions
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_sd2_maps_are_renormalised_over_the_prompt_tokens_only(tiny, forced):
+    """On an SD 2.x-like model the softmax runs over positions 1..EOT−1 (A&E's normalize_eot)."""
+    sd2 = _sd2_like(tiny("tiny-sd"))
+    seen = []
+
+    class Spy(ac.AStar):
+        def subject_maps(self, maps, image):
+            out = super().subject_maps(maps, image)
+            seen.append((self._run["normalize_eot"], maps[image].detach().clone(), out.detach().clone()))
+            return out
+
+    prompt = "a red car and a white sheep"  # BOS a red car and a white sheep EOT: car 3, sheep 7, EOT 8
+    ControlledPipeline(sd2)(
+        prompt, seed=0, controls=[Spy(tokens=["car", "sheep"], normalize_eot=forced)],
+        **call_kwargs("tiny-sd", num_inference_steps=2),
+    )
+    flag, raw, maps = seen[0]
+    assert flag is (forced is not False)
+    eot = _preprocess(raw, [3, 7], last=8)
+    full = _preprocess(raw, [3, 7])
+    assert (eot - full).abs().max().item() > 1e-3  # the two normalisations differ on this model
+    assert torch.allclose(maps, eot if flag else full, atol=1e-6, rtol=1e-5)
+
+
+def test_sd1_tokenizer_keeps_the_reference_normalisation(tiny):
+    pipe = tiny("tiny-sd")
+    seen = []
+
+    class Spy(ac.AStar):
+        def subject_maps(self, maps, image):
+            seen.append(self._run["normalize_eot"])
+            return super().subject_maps(maps, image)
+
+    ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[Spy(tokens=["car", "sheep"])], **call_kwargs("tiny-sd", num_inference_steps=1))
+    assert seen and not any(seen)  # as diffusers' A&E pipeline (the parity test above)
+
+
+def test_normalize_eot_refuses_indices_past_the_prompt(tiny):
+    sd2 = _sd2_like(tiny("tiny-sd"))
+    with pytest.raises(ValueError, match="normalize_eot"):
+        ControlledPipeline(sd2)(PROMPTS[1], seed=0, controls=[ac.AStar(tokens=[3, 8])], **call_kwargs("tiny-sd"))
+
+
+def test_conform_previous_maps_are_positives_of_their_own_group():
+    """Groups [red, car] and [sheep]; the previous step's maps join their own group as positives."""
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    e1, e2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    current = torch.stack([e1, e1, e2])  # red, car, sheep
+    prev = current.clone()
+
+    class WithPrevious(ac.Conform):
+        def previous_maps(self, image):
+            return prev
+
+    c = WithPrevious(groups=[["red", "car"], ["sheep"]], temperature=0.5)
+    loss = c.image_loss(current, 0, None).item()
+    # cosines are 1 within a group and 0 across, so s/τ = 2 or 0. Group 0 = {red, car, red', car'}:
+    # 12 ordered positive pairs, each against 2 negatives (sheep, sheep'): −log(e²/(e² + 2)).
+    # Group 1 = {sheep, sheep'}: 2 pairs, each against 4 negatives: −log(e²/(e² + 4)). Mean of 14.
+    want = (12 * math.log(1 + 2 * math.exp(-2)) + 2 * math.log(1 + 4 * math.exp(-2))) / 14
+    assert loss == pytest.approx(want, rel=1e-6)
+    assert loss == pytest.approx(0.2671318, abs=1e-6)
+    emb = torch.cat([current, prev]).flatten(1)
+    assert loss == pytest.approx(NTXentLoss(temperature=0.5)(emb, torch.tensor([0, 0, 1, 0, 0, 1])).item(), rel=1e-6)
+    # had the previous maps been given classes of their own (negatives of every current map), the value differs
+    as_negatives = NTXentLoss(temperature=0.5)(emb, torch.tensor([0, 0, 1, 2, 2, 3])).item()
+    assert abs(loss - as_negatives) > 1e-2
+    # without previous maps: group 0 only, 2 pairs against 1 negative: −log(e²/(e² + 1))
+    alone = ac.Conform(groups=[["red", "car"], ["sheep"]], previous=False).image_loss(current, 0, None).item()
+    assert alone == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+
+
+def test_conform_defaults_follow_the_authors_notebook():
+    c = ac.Conform(groups=[["red", "car"], ["sheep"]])
+    assert c.softmax_scale is None and not c.softmax_normalize_attention_maps  # softmax_normalize=False
+    assert c.smoothing and (c.kernel_size, c.sigma) == (3, 0.5) and c.temperature == 0.5
+    assert c.optimizer.refinement == {0: None, 10: None, 20: None} and c.optimizer.max_refinement == 20
+    assert (c.optimizer.scale_factor, c.optimizer.scale_range) == (20.0, (1.0, 0.5))
+    assert c.step_range(50) == (0, 30) and c.step_range(20) == (0, 30)  # max_iter_to_alter = 30, absolute
+    on = parse_control("conform", ["groups=red car;sheep", "softmax_normalize=true", "smoothing=false",
+                                   "softmax_normalize_attention_maps=on", "steps=0,25"])
+    assert on.softmax_scale == 100.0 and not on.smoothing and on.softmax_normalize_attention_maps
+    assert on.step_range(50) == (0, 25)
+
+
+def test_astar_defaults_are_the_papers_equations_at_every_step():
+    a = ac.AStar(tokens=["car", "sheep"])
+    assert (a.reduction, a.retention_form, a.threshold) == ("sum", "paper", 0.5)
+    assert a.step_range(50) == (0, 50)  # segregation at every step, as retention
+    old = parse_control("astar", ["tokens=car,sheep", "reduction=mean", "retention_form=soft-iou", "steps=0,0.5"])
+    assert (old.reduction, old.retention_form, old.step_range(50)) == ("mean", "soft-iou", (0, 25))
+    with pytest.raises(ValueError, match="reduction"):
+        ac.AStar(tokens=["car"], reduction="max")
+    with pytest.raises(ValueError, match="retention_form"):
+        ac.AStar(tokens=["car"], retention_form="iou")
 
 
 def test_retention_compares_with_the_previous_step_and_runs_the_whole_trajectory(tiny):

@@ -3,6 +3,8 @@
 AttendExcite, AStar and Conform differ only in their loss. This base class
 
 * resolves the subject words of every prompt to token indices before the first step;
+* decides whether the maps are renormalised over the prompt's tokens only (Attend-and-Excite's
+  ``normalize_eot``, which its reference turns on for SD 2.1), from the tokenizer (`pads_apart`);
 * picks the maps resolution (default: the latent grid / 4, i.e. 16×16 for SD at 512 px and
   32×32 for SDXL at 1024 px, as the reference's ``attn_res = ceil(width / 32)``) and plans
   only the cross-attention layers at it;
@@ -25,6 +27,26 @@ from attnctrl.optimizer import LatentOptimizer
 from attnctrl.tokens import resolve
 
 FAMILIES = ("sd", "sdxl")
+
+
+def pads_apart(tokenizer: Any) -> bool:
+    """Whether `tokenizer` pads prompts with a token of its own rather than with copies of its end token.
+
+    SD 1.x's CLIP tokenizer pads with ``<|endoftext|>``; SD 2.x's OpenCLIP tokenizer pads with
+    ``"!"`` (id 0). Attend-and-Excite's reference renormalises the maps over the prompt's tokens
+    only (``normalize_eot=True``) exactly for SD 2.1, so the loss controls do it when this is true.
+    (SDXL's first tokenizer, the one the maps' tokens are resolved with, pads with its end token.)
+    """
+    pad, eos = getattr(tokenizer, "pad_token", None), getattr(tokenizer, "eos_token", None)
+    return pad is not None and eos is not None and str(pad) != str(eos)
+
+
+def eot_index(tokenizer: Any, prompt: str) -> int:
+    """Position of the end-of-text token of `prompt` (1 + its number of tokens; truncated at the
+    tokenizer's length): Attend-and-Excite's ``len(tokenizer(prompt).input_ids) − 1``."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    kw = {"truncation": True, "max_length": limit} if isinstance(limit, int) and limit < 100_000 else {}
+    return len(tokenizer(prompt, **kw).input_ids) - 1
 
 
 def parse_thresholds(value: Any, default: dict) -> dict[int, float]:
@@ -74,6 +96,7 @@ class AttentionLossControl(Control):
         smoothing: bool = True,
         kernel_size: int = 3,
         sigma: float = 0.5,
+        normalize_eot: bool | None = None,
         layers=None,
     ):
         super().__init__(layers=layers, steps=steps)
@@ -87,6 +110,7 @@ class AttentionLossControl(Control):
         self.smoothing = smoothing
         self.kernel_size = kernel_size
         self.sigma = sigma
+        self.normalize_eot = None if normalize_eot is None else bool(normalize_eot)
         self._run: dict | None = None
 
     # ---- what subclasses define --------------------------------------------------------------
@@ -136,11 +160,23 @@ class AttentionLossControl(Control):
             return
         if run.family not in FAMILIES:
             raise NotImplementedError(self._joint_message(run.family))
-        pipe = run.store["pipeline"].pipe
-        per_prompt = [[resolve(pipe.tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)]
+        tokenizer = run.store["pipeline"].pipe.tokenizer
+        per_prompt = [[resolve(tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)]
+        eot = pads_apart(tokenizer) if self.normalize_eot is None else self.normalize_eot
+        ends = [eot_index(tokenizer, p) if eot else None for p in run.prompts]
+        for n, (subjects, end) in enumerate(zip(per_prompt, ends)):
+            bad = [i for idx in subjects for i in idx if end is not None and not 1 <= i < end]
+            if bad:
+                raise ValueError(
+                    f"{type(self).__name__}: token indices {bad} of prompt {n} are not among its word tokens "
+                    f"1..{end - 1} (normalize_eot renormalises over those only)"
+                )
         images = run.layout.images
-        per_image = [per_prompt[b * len(per_prompt) // images] for b in range(images)]
-        self._run = {"subjects": per_image, "sum": None, "count": 0, "grid": None, "last": None, "previous": None}
+        pick = lambda per: [per[b * len(per) // images] for b in range(images)]
+        self._run = {
+            "subjects": pick(per_prompt), "ends": pick(ends), "normalize_eot": eot,
+            "sum": None, "count": 0, "grid": None, "last": None, "previous": None,
+        }
 
     def _joint_message(self, family: str) -> str:
         return (
@@ -180,7 +216,8 @@ class AttentionLossControl(Control):
 
     def subject_maps(self, maps: torch.Tensor, image: int) -> torch.Tensor:
         """(S, H, W) preprocessed maps of image `image`'s subjects (softmax over text, smoothing)."""
-        subj = token_maps(maps[image], self._run["subjects"][image], softmax_scale=self.softmax_scale)
+        acc = self._run
+        subj = token_maps(maps[image], acc["subjects"][image], softmax_scale=self.softmax_scale, last=acc["ends"][image])
         return smooth(subj, self.kernel_size, self.sigma) if self.smoothing else subj
 
     def _losses(self, z: torch.Tensor, denoise, state) -> torch.Tensor:
