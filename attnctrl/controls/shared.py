@@ -25,6 +25,10 @@ to the already rotated keys as one extra rotation by Δ = (0, 0, w) (rotations c
 undo / redo RoPE around AdaIN. SD3 joint attention shares the image tokens the same way, without
 positions.
 
+The reference row's output is bit-identical to a run without the control: `out` recomputes it
+with SDPA over its own keys, as the stock layer does (the batched call would give it the same
+values only up to float rounding).
+
 Reference from a real image: ``reference_image=`` DDIM-inverts it (`attnctrl.inversion`) with the
 reference row's prompt (or ``reference_prompt``) over the run's own timesteps, and before every
 step replaces the reference row's latents with the inverted latents of that step (the official
@@ -178,7 +182,8 @@ class SharedAttention(Control):
             self._check_reference(n)
             ref_of = torch.tensor([(i // n) * n + self.reference for i in range(layout.size)], device=device)
             is_ref = ref_of == torch.arange(layout.size, device=device)
-            rows = cache[key] = {"ref_of": ref_of, "targets": torch.nonzero(~is_ref).flatten(), "is_ref": is_ref}
+            rows = cache[key] = {"ref_of": ref_of, "targets": torch.nonzero(~is_ref).flatten(), "is_ref": is_ref,
+                                 "refs": torch.nonzero(is_ref).flatten()}
         return rows
 
     # ---- attention -----------------------------------------------------------------------------
@@ -221,6 +226,7 @@ class SharedAttention(Control):
             k_ref[targets] = k_ref[targets] * self.shared_scale
         n_ref = k_ref.shape[2]
         call.extras["shared_keys"] = (call.k.shape[2], n_ref)
+        call.extras["shared_mask"] = call.mask  # the model's own mask, for the reference rows in `out`
         call.k = torch.cat([call.k, k_ref], dim=2)
         call.v = torch.cat([call.v, v_ref], dim=2)
         if call.mask is not None:
@@ -241,6 +247,59 @@ class SharedAttention(Control):
             b[rows["is_ref"], :, :, n_own:] = float("-inf")  # the reference attends only to itself
             cache[key] = b
         return b
+
+    def out(self, call, o: torch.Tensor) -> torch.Tensor:
+        """The reference rows, recomputed as the stock layer computes them: SDPA over their own keys only.
+
+        In the batched call they attend to ``[K_r ; K_r]`` with −∞ on the second half, which gives
+        them zero weight but runs another kernel path (a mask, twice the keys, another blocking of
+        the online softmax) than the stock unmasked call: ~1e-7 per layer, which the denoiser grows
+        to 2-5e-5 in the final latents. SDPA is row-independent, so SDPA over just the reference
+        rows' own q/k/v is bit-identical to those rows of the stock call (DESIGN: "reference rows
+        identical to vanilla"). Where another control on the layer could make the stock result
+        differ (it adds a bias, edits probabilities, edits outputs before this control, or appends
+        keys after it) the batched result is kept: it reads no other row's keys either.
+        """
+        sizes = call.extras.get("shared_keys")
+        if sizes is None:
+            return o
+        n_own, n_ref = sizes
+        if call.k.shape[2] != n_own + n_ref or not self._exact_on(call):
+            return o
+        refs = self._rows(call.run, call.q.device)["refs"]
+        mask = call.extras.get("shared_mask")
+        if mask is not None and mask.dim() == 4 and mask.shape[0] == call.batch:
+            mask = mask[refs]
+        default_scale = call.q.shape[-1] ** -0.5
+        scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale  # as attnctrl.attention._sdpa
+        ref_out = F.scaled_dot_product_attention(
+            call.q[refs], call.k[refs, :, :n_own], call.v[refs, :, :n_own], attn_mask=mask, dropout_p=0.0, scale=scale
+        )
+        if torch.is_grad_enabled():
+            o = o.clone()  # keep autograd's saved tensors intact
+        o[refs] = ref_out.to(o.dtype)
+        return o
+
+    def _exact_on(self, call) -> bool:
+        """Whether the reference rows may be recomputed alone on this layer (see `out`); cached per layer."""
+        cache = call.run.store[self].setdefault("exact", {})
+        name = call.layer.name
+        ok = cache.get(name)
+        if ok is None:
+            chain = [c for c, _ in call.run.plan.get(name, ())]
+            mine = next((i for i, c in enumerate(chain) if c is self), None)
+            ok = mine is not None
+            for i, c in enumerate(chain):
+                if c is self:
+                    continue
+                if c.implements("bias") or (c.implements("probs") and not c.observes_only):
+                    ok = False  # its bias / probability edit would be missing from the recomputation
+                elif i < mine and c.implements("out"):
+                    ok = False  # its output edit on the reference rows would be overwritten
+                elif i > mine and c.implements("qkv"):
+                    ok = False  # it sees (and may edit) the shared keys
+            cache[name] = ok
+        return ok
 
     # ---- reference image -----------------------------------------------------------------------
     def _invert(self, run, pipeline):
