@@ -15,6 +15,13 @@ Rasterising at a layer's token grid ``(h, w)``: a box covers the cells whose cen
 (so boxes that only touch never share a cell); a mask covers the cells at least half inside it
 (area average). Disjoint masks stay disjoint at every grid (a cell goes to the region covering
 most of it).
+
+Moving a region (IR-Diffusion's reposition): `relocate` crops a region to its bounding box and resizes
+it into another region's bounding box with nearest neighbours — exactly `F.interpolate(mode="nearest")`,
+as the reference code resizes hidden states — and gives the (source, destination) cells.
+
+Regions from attention maps: `regions_from_maps` averages per-resolution maps, min-max normalises each
+subject's map and keeps the cells strictly above a threshold, each cell going to the strongest subject.
 """
 from __future__ import annotations
 
@@ -27,7 +34,10 @@ import torch.nn.functional as F
 Box = tuple[float, float, float, float]
 BoxesLike = str | Sequence[Sequence[float]]
 
-__all__ = ["bbox", "box_cells", "boxes_overlap", "check_masks", "mask_cells", "normalise_boxes", "parse_boxes", "pixel_size"]
+__all__ = [
+    "bbox", "box_cells", "boxes_overlap", "check_masks", "mask_cells", "normalise_boxes", "parse_boxes", "pixel_size",
+    "regions_from_maps", "relocate",
+]
 
 
 def parse_boxes(boxes: BoxesLike, what: str = "boxes") -> list[Box]:
@@ -129,6 +139,55 @@ def bbox(cells: torch.Tensor) -> tuple[int, int, int, int] | None:
     if ys.numel() == 0:
         return None
     return int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+
+
+def relocate(ref: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move region `ref` into `target`'s bounding box: ``(src, dst)`` flat cell indices of an (h, w) grid.
+
+    `ref` is cropped to its bounding box and resized onto `target`'s bounding box with nearest
+    neighbours, the index map being the one ``F.interpolate(crop, size, mode="nearest")`` uses
+    (source index ``floor(dst · in/out)`` in float32, which is *not* always the exact integer floor: e.g.
+    26 → 22 cells differ). Returns the destination cells where the moved region is on and the source cell
+    each one copies, in row-major order of the destination; both empty if either region is empty.
+    """
+    if ref.shape != target.shape:
+        raise ValueError(f"relocate: regions of different grids {tuple(ref.shape)} and {tuple(target.shape)}")
+    empty = torch.zeros(0, dtype=torch.long)
+    tb, rb = bbox(target), bbox(ref)
+    if tb is None or rb is None:
+        return empty, empty
+    h, w = ref.shape
+    t0, t1, l0, l1 = tb
+    r0, r1, c0, c1 = rb
+    # the flat index of every cell as a float64 image (exact below 2**53), resized like the hidden states
+    flat = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)[:, :, r0 : r1 + 1, c0 : c1 + 1]
+    src = F.interpolate(flat, size=(t1 - t0 + 1, l1 - l0 + 1), mode="nearest")[0, 0].long()
+    dst = torch.arange(t0, t1 + 1)[:, None] * w + torch.arange(l0, l1 + 1)[None, :]
+    keep = ref.flatten().to(ref.device)[src.to(ref.device)].cpu()
+    return src[keep], dst[keep]
+
+
+def regions_from_maps(
+    maps: Sequence[torch.Tensor], grid: tuple[int, int], threshold: float, wanted: torch.Tensor
+) -> torch.Tensor:
+    """0/1 regions (images, subjects, H, W) from attention maps of the subjects' words.
+
+    `maps`: one (images, subjects, h, w) map per resolution; each is resized to `grid` (bilinear,
+    ``align_corners=False``) and they are averaged. Each image's map of each subject is min-max normalised
+    to [0, 1]; a cell is in the subject's region when its value is strictly above `threshold` (as
+    IR-Diffusion binarises: ``m > t``) and, among the `wanted` subjects of that image, no other subject's
+    normalised value is higher (ties keep both). `wanted`: bool (images, subjects), the maps that count;
+    the other regions are empty.
+    """
+    ups = [F.interpolate(m.float(), size=tuple(grid), mode="bilinear", align_corners=False) for m in maps]
+    m = torch.stack(ups).mean(0)
+    lo, hi = m.amin(dim=(-2, -1), keepdim=True), m.amax(dim=(-2, -1), keepdim=True)
+    m = (m - lo) / (hi - lo).clamp_min(1e-12)
+    want = wanted.to(torch.bool)[:, :, None, None]
+    cells = (m > threshold) & want
+    best = torch.where(want, m, torch.full_like(m, -1.0)).amax(dim=1, keepdim=True)
+    cells &= m >= best
+    return cells.float()
 
 
 def pixel_size(run) -> tuple[int, int] | None:
