@@ -4,11 +4,11 @@ import pytest
 import torch
 from attnctrl.pipelines import ControlledPipeline
 from conftest import call_kwargs
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
 import attnctrl as ac
-from attnctrl.inversion import invert_latents
+from attnctrl.inversion import invert_latents, invert_trajectory
 
 PROMPT = "a red car"
 
@@ -25,6 +25,39 @@ def _regenerate(pipe, name, z_T, steps):
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def pndm_pipe(base):
+    """`base` (tiny-sd) sampling with PNDM as SD 1.x ships it (``skip_prk_steps=True``)."""
+    pipe = type(base)(**base.components)
+    pipe.scheduler = PNDMScheduler.from_config(base.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def ddim_inversion_by_hand(pipe, z0, prompt, num_steps, guidance=1.0):
+    """{t: z_t} for DDIM's own `num_steps` timesteps, written out from DDIM (Song et al. Eq. 12,
+    σ = 0) solved for z_t: s = t − 1000/N (ᾱ_s = final_alpha_cumprod below 0), ε = ε(z_s, t) with
+    CFG ε_u + w(ε_c − ε_u) when w > 1 (uncond = the empty prompt, as the SD pipeline encodes it)."""
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    ddim.set_timesteps(num_steps)
+    stride = ddim.config.num_train_timesteps // num_steps
+    a = ddim.alphas_cumprod.double()
+    pe, npe = pipe.encode_prompt(prompt, "cpu", 1, True)
+    z, out = z0, {}
+    for t in sorted(int(t) for t in ddim.timesteps):
+        s = t - stride
+        a_t, a_s = a[t], (a[s] if s >= 0 else ddim.final_alpha_cumprod.double())
+        if guidance > 1.0:
+            eu, ec = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([npe, pe])).sample.chunk(2)
+            eps = (eu + guidance * (ec - eu)).double()
+        else:
+            eps = pipe.unet(z, t, encoder_hidden_states=pe).sample.double()
+        x0 = (z.double() - (1 - a_s).sqrt() * eps) / a_s.sqrt()
+        z = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps).float()
+        out[t] = z
+    return out
 
 
 @pytest.mark.parametrize("steps", [3, 10])
@@ -66,6 +99,32 @@ def test_plain_inversion_is_ddim_step_reversed(tiny):
     assert torch.equal(res.at_step(0), res.zT)
 
 
+def test_invert_trajectory_on_ddim_timesteps_is_ddim_invert(tiny):
+    pipe = tiny("tiny-sd")
+    z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref = ac.ddim_invert(pipe, None, PROMPT, num_inference_steps=4, latents=z0, guidance_scale=2.0)
+    res = invert_trajectory(pipe, None, PROMPT, ref.timesteps, guidance_scale=2.0, latents=z0)
+    assert torch.equal(res.timesteps, ref.timesteps)
+    assert all(torch.equal(a, b) for a, b in zip(res.latents_trajectory, ref.latents_trajectory, strict=True))
+
+
+def test_invert_trajectory_under_pndm_steps_between_ddim_timesteps(tiny):
+    """PNDM's list repeats a timestep ([667, 334, 334, 1] for 3 steps): the stride is still DDIM's
+    1000/3, not 1000/4, and both steps at 334 get z_334 (before: 1000 // len(timesteps), so the
+    inverted latents were off by up to 0.54 at t=901 with 10 steps)."""
+    pipe = pndm_pipe(tiny("tiny-sd"))
+    pipe.scheduler.set_timesteps(3)
+    ts = pipe.scheduler.timesteps
+    assert ts.tolist() == [667, 334, 334, 1]
+    z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    res = invert_trajectory(pipe, None, PROMPT, ts, latents=z0)
+    by_hand = ddim_inversion_by_hand(pipe, z0, PROMPT, 3)
+    assert len(res.latents_trajectory) == len(ts) + 1
+    for i, t in enumerate(ts.tolist()):
+        assert (res.at_step(i) - by_hand[t]).abs().max().item() <= 1e-5, (i, t)
+    assert torch.equal(res.at_step(1), res.at_step(2)) and torch.equal(res.at_step(len(ts)), z0)
+
+
 def test_image_goes_through_the_vae(tiny):
     pipe = tiny("tiny-sd")
     img = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
@@ -83,3 +142,10 @@ def test_bad_input(tiny):
         ac.ddim_invert(tiny("tiny-sd"), None, PROMPT)
     with pytest.raises(ValueError, match="num_inference_steps"):
         ac.ddim_invert(tiny("tiny-sd"), None, PROMPT, num_inference_steps=0, latents=torch.zeros(1, 4, 32, 32))
+    z = torch.zeros(1, 4, 32, 32)
+    with pytest.raises(ValueError, match="variance-preserving"):  # Euler: sigma-space latents
+        invert_trajectory(tiny("tiny-sdxl"), None, PROMPT, torch.tensor([667.0, 334.0, 1.0]), latents=z)
+    with pytest.raises(ValueError, match="descending"):
+        invert_trajectory(tiny("tiny-sd"), None, PROMPT, torch.tensor([1, 334]), latents=z)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        invert_trajectory(tiny("tiny-sd"), None, PROMPT, torch.tensor([667.5, 1.0]), latents=z)
