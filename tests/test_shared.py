@@ -13,7 +13,10 @@ from PIL import Image
 import attnctrl as ac
 from attnctrl.cli import main
 from attnctrl.control import Control
-from attnctrl.inversion import encode_image, invert_latents
+from attnctrl.controls.shared import inverted_index
+from attnctrl.inversion import encode_image, invert_trajectory
+from diffusers import DDIMScheduler
+from test_inversion import ddim_inversion_by_hand, pndm_pipe
 
 PROMPTS = ["a red car", "a white sheep", "a blue house"]
 
@@ -235,22 +238,87 @@ def _image():
     return Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
 
 
-def test_reference_image_rows_follow_the_inverted_trajectory(tiny):
-    pipe = tiny("tiny-sd")
-    seen = []
+class RefRow(Control):
+    """Records the reference row's latents and the timestep at the input of every step."""
 
-    class Spy(Control):
-        def before_step(self, latents, state, denoise):
-            seen.append(latents[0].clone())
-            return latents
+    def __init__(self, row=0):
+        super().__init__()
+        self.row, self.seen, self.timesteps = row, [], []
 
-    out = _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image()), Spy()])
-    z0 = encode_image(pipe, _image(), 64, 64)
-    res = invert_latents(pipe, z0, PROMPTS[0], pipe.scheduler.timesteps)
-    assert len(seen) == 3
-    for i, z in enumerate(seen):
-        assert torch.allclose(z, res.at_step(i)[0], atol=1e-5)
+    def before_step(self, latents, state, denoise):
+        self.seen.append(latents[self.row].clone())
+        self.timesteps.append(int(state.timestep))
+        return latents
+
+
+def _ddim_timesteps(pipe, steps):
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    ddim.set_timesteps(steps)
+    return ddim.timesteps
+
+
+def test_reference_image_under_pndm_is_a_ddim_inversion_to_each_steps_timestep(tiny):
+    """SD 1.x's default PNDM repeats a timestep; the reference row at step i still holds the DDIM
+    inversion (guidance 2, computed by hand here) to that step's own timestep t_i."""
+    pipe = pndm_pipe(tiny("tiny-sd"))
+    spy = RefRow()
+    out = _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image()), spy])
+    assert spy.timesteps == [667, 334, 334, 1]
+    by_hand = ddim_inversion_by_hand(pipe, encode_image(pipe, _image(), 64, 64), PROMPTS[0], 3, guidance=2.0)
+    for i, (z, t) in enumerate(zip(spy.seen, spy.timesteps)):
+        assert (z - by_hand[t][0]).abs().max().item() <= 1e-5, (i, t)
     assert torch.isfinite(out).all()
+
+
+def test_inverted_index_is_the_official_callback_schedule():
+    """StyleAligned's make_inversion_callback(zts, offset): the run starts from zts[offset] and after
+    step i the callback writes zts[max(offset + 1, i + 1)] (zts[m]: latents at the m-th timestep)."""
+    assert [inverted_index(i, 0, 5) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert [inverted_index(i, 1, 5) for i in range(5)] == [1, 2, 2, 3, 4]
+    assert [inverted_index(i, 2, 5) for i in range(5)] == [2, 3, 3, 3, 4]
+    assert [inverted_index(i, 4, 5) for i in range(5)] == [4, 5, 5, 5, 5]  # 5: the clean latents
+    n = 7
+    for offset in range(n):  # the callback run step by step, the official way
+        zts = list(range(n + 1))
+        latents, official = zts[offset], []
+        for i in range(n):
+            official.append(latents)
+            latents = zts[max(offset + 1, i + 1)]
+        assert [inverted_index(i, offset, n) for i in range(n)] == official, offset
+
+
+@pytest.mark.parametrize("offset, picked", [(0, [0, 1, 2, 3]), (1, [1, 2, 2, 3]), (2, [2, 3, 3, 3]), (3, [3, 4, 4, 4])])
+def test_reference_row_takes_the_offset_inverted_latents(tiny, offset, picked):
+    """At step i the reference row holds `at_step(picked[i])` of the guidance-2 inversion (4: z_0)."""
+    pipe = tiny("tiny-sd")
+    spy = RefRow()
+    control = ac.SharedAttention(reference_image=_image(), inversion_offset=offset)
+    _run(pipe, "tiny-sd", PROMPTS[:2], [control, spy], num_inference_steps=4)
+    res = invert_trajectory(pipe, _image(), PROMPTS[0], _ddim_timesteps(pipe, 4), guidance_scale=2.0, height=64, width=64)
+    assert spy.timesteps == res.timesteps.tolist() == [751, 501, 251, 1]
+    for z, k in zip(spy.seen, picked, strict=True):
+        assert torch.equal(z, res.at_step(k)[0])
+
+
+def test_inversion_guidance_reaches_the_reference_row(tiny):
+    """Default 2 (StyleAligned's transfer notebook: ddim_inversion(pipeline, x0, prompt, 50, 2))."""
+    assert ac.SharedAttention().inversion_guidance == 2.0
+    pipe = tiny("tiny-sd")
+    spy = RefRow()
+    _run(pipe, "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image(), inversion_guidance=1.0), spy])
+    ts = _ddim_timesteps(pipe, 3)
+    one = invert_trajectory(pipe, _image(), PROMPTS[0], ts, guidance_scale=1.0, height=64, width=64)
+    two = invert_trajectory(pipe, _image(), PROMPTS[0], ts, guidance_scale=2.0, height=64, width=64)
+    for i, z in enumerate(spy.seen):
+        assert torch.equal(z, one.at_step(i)[0])
+    assert (one.at_step(0) - two.at_step(0)).abs().max().item() > 1e-3  # the guidance does matter
+
+
+def test_inversion_offset_must_be_below_the_number_of_steps(tiny):
+    with pytest.raises(ValueError, match="inversion_offset=3 but the run has 3 scheduler steps"):
+        _run(tiny("tiny-sd"), "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image(), inversion_offset=3)])
+    with pytest.raises(ValueError, match="inversion_guidance"):
+        ac.SharedAttention(inversion_guidance=0.5)
 
 
 def test_reference_image_needs_a_variance_preserving_scheduler(tiny):

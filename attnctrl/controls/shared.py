@@ -22,18 +22,19 @@ FLUX the reference image's keys are appended with RoPE positions shifted by the 
 x (``ids[:, 2] += width // 16`` in the official code), so they sit beside the target's tokens
 instead of on top of them; AdaIN acts on the image tokens before RoPE, as there. We apply the shift
 to the already rotated keys as one extra rotation by Δ = (0, 0, w) (rotations compose exactly) and
-undo / redo RoPE around AdaIN. SD3 joint attention shares the image tokens the same way, without
-positions.
+undo / redo RoPE around AdaIN. SD3 joint attention shares the image tokens the same way, without positions.
 
 The reference row's output is bit-identical to a run without the control: `out` recomputes it
 with SDPA over its own keys, as the stock layer does (the batched call would give it the same
 values only up to float rounding).
 
-Reference from a real image: ``reference_image=`` DDIM-inverts it (`attnctrl.inversion`) with the
-reference row's prompt (or ``reference_prompt``) over the run's own timesteps, and before every
-step replaces the reference row's latents with the inverted latents of that step (the official
-``make_inversion_callback``). The reference row is the batch row ``reference``: put the
-reference image's prompt at that place in the prompt list.
+Reference from a real image: ``reference_image=`` DDIM-inverts it (`attnctrl.inversion.invert_trajectory`,
+guidance ``inversion_guidance``) with the reference row's prompt (or ``reference_prompt``) to every
+timestep of the run, whatever its variance-preserving scheduler (PNDM repeats a timestep; the
+inversion still steps between DDIM timesteps with DDIM's ᾱ), and before every step replaces the
+reference row's latents with the inverted latents `inverted_index` picks (the official
+``make_inversion_callback(zts, offset)``). The reference row is the batch row ``reference``: put
+the reference image's prompt at that place in the prompt list.
 """
 from __future__ import annotations
 
@@ -60,6 +61,19 @@ def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = _EPS) -> torch.Tensor
     return (x - m) / s * sr + mr
 
 
+def inverted_index(step: int, offset: int, num_steps: int) -> int:
+    """Which inverted latents the reference row takes at generation `step`: ``res.at_step(k)``.
+
+    StyleAligned's ``make_inversion_callback(zts, offset)`` (``zts[m]`` the inverted latents at the
+    run's m-th timestep, ``zts[N]`` the clean ones): the run starts from ``zts[offset]`` and after
+    step i the callback writes ``zts[max(offset + 1, i + 1)]``, so step 0 reads ``zts[offset]`` and
+    step i >= 1 reads ``zts[max(offset + 1, i)]``. With offset 0 that is ``zts[i]``: the latents
+    of the step's own timestep. Clamped to N (the clean latents).
+    """
+    k = offset if step == 0 else max(offset + 1, step)
+    return min(k, num_steps)
+
+
 class SharedAttention(Control):
     """StyleAligned shared self-attention (Hertz et al. 2024); AlignedGen ShiftPE on FLUX.
 
@@ -75,10 +89,14 @@ class SharedAttention(Control):
         layers: self-attention layers that share (default: all).
         steps: (start, stop) steps where sharing is on (ints or fractions).
         reference_image: an image (PIL or path) whose style to take; it is DDIM-inverted and
-            becomes the reference row (SD/SDXL; a variance-preserving scheduler such as DDIM).
+            becomes the reference row (SD/SDXL; any variance-preserving scheduler: DDIM, PNDM,
+            DPM-Solver, ...; the inversion is DDIM over the run's own timesteps).
         reference_prompt: prompt used to invert reference_image (default: the reference row's prompt).
-        inversion_offset: with reference_image, the reference row uses the inverted latents of step
-            max(i, offset) at step i (the official example's ``offset``; higher = more faithful).
+        inversion_guidance: CFG scale of the reference image's inversion (StyleAligned's transfer
+            notebook: 2).
+        inversion_offset: with reference_image, the reference row takes the inverted latents of
+            step offset at step 0 and of step max(offset + 1, i) at step i >= 1 (StyleAligned's
+            ``make_inversion_callback(zts, offset)``; the notebook uses 5 of 50; higher = more faithful).
     """
 
     name = "shared"
@@ -97,15 +115,21 @@ class SharedAttention(Control):
         steps: tuple[float, float] | None = None,
         reference_image: Any = None,
         reference_prompt: str | None = None,
+        inversion_guidance: float = 2.0,
         inversion_offset: int = 0,
     ):
         if not isinstance(reference, int) or isinstance(reference, bool) or reference < 0:
             raise ValueError(f"reference must be an image index >= 0, got {reference!r}")
-        for key, val in (("shared_scale", shared_scale), ("score_shift", score_shift)):
+        numbers = (("shared_scale", shared_scale), ("score_shift", score_shift), ("inversion_guidance", inversion_guidance))
+        for key, val in numbers:
+            if key == "shared_scale" and val is None:
+                continue
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
                 raise ValueError(f"{key} must be a finite number, got {val!r}")
-        if shared_scale < 0:
+        if shared_scale is not None and shared_scale < 0:
             raise ValueError(f"shared_scale must be >= 0, got {shared_scale!r}")
+        if inversion_guidance < 1:
+            raise ValueError(f"inversion_guidance must be >= 1 (1: no guidance), got {inversion_guidance!r}")
         if not isinstance(inversion_offset, int) or inversion_offset < 0:
             raise ValueError(f"inversion_offset must be an integer >= 0, got {inversion_offset!r}")
         if reference_prompt is not None and (not isinstance(reference_prompt, str) or not reference_prompt.strip()):
@@ -113,10 +137,12 @@ class SharedAttention(Control):
         super().__init__(layers=layers, steps=steps)
         self.reference = reference
         self.adain_queries, self.adain_keys, self.adain_values = bool(adain_queries), bool(adain_keys), bool(adain_values)
-        self.shared_scale, self.score_shift = float(shared_scale), float(score_shift)
+        self.shared_scale = None if shared_scale is None else float(shared_scale)
+        self.score_shift = float(score_shift)
         self.shared_norms = bool(shared_norms)
         self.reference_image = _open_image(reference_image)
         self.reference_prompt = reference_prompt
+        self.inversion_guidance = float(inversion_guidance)
         self.inversion_offset = inversion_offset
 
     # ---- where ---------------------------------------------------------------------------------
@@ -138,7 +164,10 @@ class SharedAttention(Control):
                 "SharedAttention on FLUX, with reference_image or with shared_norms needs a ControlledPipeline "
                 "(ac.load(...) or ControlledPipeline(pipe)), not ac.attach"
             )
-        store: dict = {"rows": {}, "bias": {}, "hooks": []}
+        scale = self.shared_scale
+        if scale is None:
+            scale = 1.0
+        store: dict = {"rows": {}, "bias": {}, "hooks": [], "scale": scale}
         run.store[self] = store
         if run.family == "flux" and pipeline is not None:
             pos_embed = pipeline.denoiser.pos_embed
@@ -146,7 +175,9 @@ class SharedAttention(Control):
             ids = torch.tensor([[0.0, 0.0, float(run.grid[1])]], device=device)
             store["shift"] = pos_embed(ids)  # rotation by Δ = (0, 0, w): ShiftPE
         if self.reference_image is not None:
-            self._trajectory = self._invert(run, pipeline)
+            store["trajectory"] = self._invert(run, pipeline)
+            store["step_values"] = [float(t) for t in store["trajectory"].timesteps.tolist()]  # no syncs in the loop
+            self._store = store  # before_step gets no run
         if self.shared_norms:
             if run.family not in ("sd", "sdxl"):
                 raise ValueError(f"shared_norms shares UNet GroupNorm statistics; {run.family} has no GroupNorm layers")
@@ -155,7 +186,7 @@ class SharedAttention(Control):
             self._install_norm_hooks(run, pipeline.denoiser, store)
 
     def end(self, run) -> None:
-        self._trajectory = None
+        self._store = None
         store = run.store.pop(self, None)
         if store:
             for handle in store["hooks"]:
@@ -221,9 +252,10 @@ class SharedAttention(Control):
         shift = call.run.store[self].get("shift")
         if shift is not None:  # ShiftPE: the reference's keys sit beside the target along x
             k_ref = _rotate(k_ref, shift[0], shift[1])
-        if self.shared_scale != 1.0:
+        scale = call.run.store[self]["scale"]
+        if scale != 1.0:
             k_ref = k_ref.clone()
-            k_ref[targets] = k_ref[targets] * self.shared_scale
+            k_ref[targets] = k_ref[targets] * scale
         n_ref = k_ref.shape[2]
         call.extras["shared_keys"] = (call.k.shape[2], n_ref)
         call.extras["shared_mask"] = call.mask  # the model's own mask, for the reference rows in `out`
@@ -303,38 +335,44 @@ class SharedAttention(Control):
 
     # ---- reference image -----------------------------------------------------------------------
     def _invert(self, run, pipeline):
-        from ..inversion import encode_image, invert_latents
+        from ..inversion import invert_trajectory
 
         if run.family not in ("sd", "sdxl"):
             raise NotImplementedError(f"SharedAttention(reference_image=...) supports SD and SDXL; not {run.family}")
         if pipeline is None:
             raise ValueError("reference_image needs a ControlledPipeline run")
         pipe = pipeline.pipe
-        sigma = pipe.scheduler.init_noise_sigma
-        if abs(float(sigma) - 1.0) > 1e-6:
+        timesteps = pipe.scheduler.timesteps  # the run's, as the loop steps through them (set by the adapter)
+        if self.inversion_offset >= len(timesteps):
             raise ValueError(
-                f"reference_image needs a variance-preserving scheduler (DDIM, PNDM, DPM-Solver, ...); "
-                f"{type(pipe.scheduler).__name__} works in sigma space. Use DDIMScheduler.from_config(pipe.scheduler.config)"
+                f"inversion_offset={self.inversion_offset} but the run has {len(timesteps)} scheduler steps; "
+                f"give an offset below {len(timesteps)}"
             )
         prompt = self.reference_prompt
         if prompt is None:
             per_prompt = max(run.layout.images // max(len(run.prompts), 1), 1)
             prompt = run.prompts[self.reference // per_prompt]
         h, w = run.grid
-        z0 = encode_image(pipe, self.reference_image, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
-        return invert_latents(pipe, z0, prompt, pipe.scheduler.timesteps)
+        return invert_trajectory(pipe, self.reference_image, prompt, timesteps, guidance_scale=self.inversion_guidance,
+                                 height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
 
     def before_step(self, latents, state, denoise):
-        """With a reference image: the reference row takes the inverted latents of this step."""
-        traj = self._trajectory
-        if traj is None or latents.shape[0] <= self.reference:
+        """With a reference image: the reference row takes the inverted latents of `inverted_index`."""
+        store = self._store
+        if store is None or "trajectory" not in store or latents.shape[0] <= self.reference:
             return latents
-        i = min(max(state.index, self.inversion_offset), len(traj.timesteps) - 1)
+        traj, values = store["trajectory"], store["step_values"]
+        if state.index >= len(values) or state.timestep != values[state.index]:
+            raise RuntimeError(
+                f"SharedAttention: step {state.index} runs at timestep {state.timestep}, but the reference image was "
+                "inverted for the scheduler's timesteps at the start of the run; do not change them during a run"
+            )
+        k = inverted_index(state.index, self.inversion_offset, len(values))
         latents = latents.clone()
-        latents[self.reference] = traj.at_step(i)[0].to(latents.device, latents.dtype)
+        latents[self.reference] = traj.at_step(k)[0].to(latents.device, latents.dtype)
         return latents
 
-    _trajectory = None  # the inversion of this run (set in begin, cleared in end; before_step has no run)
+    _store = None  # this run's store (set in begin, cleared in end): before_step has no run
 
     # ---- shared GroupNorm ----------------------------------------------------------------------
     def _install_norm_hooks(self, run, denoiser, store) -> None:
@@ -388,4 +426,4 @@ def _open_image(image: Any):
     raise TypeError(f"reference_image must be a PIL image or a path, got {type(image).__name__}")
 
 
-__all__ = ["SharedAttention", "adain"]
+__all__ = ["SharedAttention", "adain", "inverted_index"]
