@@ -569,11 +569,13 @@ class IsolationReposition(Control):
             return
         # one SDPA for all rows: the shared keys are appended to every row, −∞ for the non-target rows
         B, n, t = call.batch, plan["extra"], plan["targets"]
-        bias = call.q.new_zeros(B, 1, call.q.shape[2], plan["Lk"] + n)
-        if n:
-            bias[:, :, :, plan["Lk"]:] = NEG
-        bias[t] = bias_t
-        call.extras[self] = {"mode": "joint", "bias": bias}
+        if plan.get("joint_of") is not bias_t:  # built once per target mask (once per step with dropout)
+            bias = call.q.new_zeros(B, 1, call.q.shape[2], plan["Lk"] + n)
+            if n:
+                bias[:, :, :, plan["Lk"]:] = NEG
+            bias[t] = bias_t
+            plan["joint_of"], plan["joint"] = bias_t, bias
+        call.extras[self] = {"mode": "joint", "bias": plan["joint"]}
         if not n:
             return
         k_t, v_t = self._shared_kv(call, plan)
