@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         pipe = ac.load(args.model)
-    except Exception as err:  # noqa: BLE001  (e.g. the Shapes model not trained or registered yet)
+    except Exception as err:  # (e.g. the Shapes model not trained or registered yet)
         raise SystemExit(f"cannot load model {args.model!r}: {err}\n(for a dry run without the Shapes model: --model tiny-sd)") from None
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 try:
                     image = pipe(prompt, seed=seed, controls=controls, **call).images[0]
-                except Exception as err:  # noqa: BLE001  (a control still being written: report it, go on)
+                except Exception as err:  # (a control still being written: report it, go on)
                     error = f"{type(err).__name__}: {err}"
                     print(f"  {m}: failed on p{i} seed {seed}: {error}; method skipped")
                     cells.append(None)
