@@ -164,23 +164,63 @@ def test_sdxl_layer_call_matches_the_papers_equations(tiny):
     assert (after.o - expected).abs().max().item() <= 1e-5
 
 
-def test_flux_shifted_position_embedding(tiny):
-    """AlignedGen ShiftPE: the reference's image keys carry RoPE positions shifted by the width along x."""
-    pipe = tiny("tiny-flux")
-    layer = first_self_layer(pipe)
-    before, after = Probe(layer), Probe(layer)
-    cp = ControlledPipeline(pipe)
-    cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(reference=0), after], **call_kwargs("tiny-flux"))
+FLUX_SINGLE = ["single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
+
+
+def _shifted_reference_keys(pipe, cp, before):
+    """The reference row's image keys re-rotated with AlignedGen's shifted positions, written out here."""
     img = before.seen["k_image"]
     cos, sin = before.seen["rope"]
     k_ref_raw = apply_rotary_emb(before.seen["k"][0:1, :, img], (cos[img], -sin[img]))  # un-rotate
     h, w = cp.default_grid()
     ids = torch.tensor([[0.0, i, j] for i in range(h) for j in range(w)])
     ids[:, 2] += w  # official: reference_image_ids[:, 2] += width // 16
-    shifted = apply_rotary_emb(k_ref_raw, pipe.transformer.pos_embed(ids))
-    appended = after.seen["k"][1:2, :, before.seen["k"].shape[2]:]
-    assert appended.shape == shifted.shape
-    assert (appended - shifted).abs().max().item() <= 1e-4
+    return apply_rotary_emb(k_ref_raw, pipe.transformer.pos_embed(ids))
+
+
+def test_flux_shifted_position_embedding(tiny):
+    """AlignedGen ShiftPE: the reference's image keys carry RoPE positions shifted by the width along x."""
+    pipe = tiny("tiny-flux")
+    before, after = Probe(FLUX_SINGLE[0]), Probe(FLUX_SINGLE[0])
+    cp = ControlledPipeline(pipe)
+    cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(reference=0, shared_scale=1.0), after],
+       **call_kwargs("tiny-flux"))
+    shifted = _shifted_reference_keys(pipe, cp, before)
+    appended = after.seen["k"][:, :, before.seen["k"].shape[2]:]
+    assert appended.shape[2] == shifted.shape[2]
+    for row in (0, 1):  # the reference row's copy (masked) and the target's
+        assert (appended[row:row + 1] - shifted).abs().max().item() <= 1e-4
+
+
+def test_flux_defaults_are_aligned_gen(tiny):
+    """AlignedGen's inference.py: block=(19, 57) (FLUX.1's 38 single-stream blocks), style_lambda 1.1
+    ("fix") on the reference keys the targets see, timesteps=(0, 30) of a 30-step run (every step)."""
+    pipe = tiny("tiny-flux")
+    seen = set()
+
+    class Spy(Control):
+        default_layers = "self"
+
+        def qkv(self, call):
+            seen.add((call.run.state.index, call.layer.name, call.k.shape[2] > call.q.shape[2]))
+
+    before, after = Probe(FLUX_SINGLE[0]), Probe(FLUX_SINGLE[0])
+    cp = ControlledPipeline(pipe)
+    kw = call_kwargs("tiny-flux")
+    cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(), after, Spy()], **kw)
+    assert {(i, n) for i, n, ext in seen if ext} == {(i, n) for i in range(3) for n in FLUX_SINGLE}
+    assert {n for _, n, ext in seen if not ext} == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
+    appended = after.seen["k"][:, :, before.seen["k"].shape[2]:]
+    assert torch.equal(appended[1], appended[0] * 1.1)  # the target sees 1.1·K_ref; the reference's copy is masked
+    assert (appended[0:1] - _shifted_reference_keys(pipe, cp, before)).abs().max().item() <= 1e-4
+
+    preset = ac.SharedAttention.aligned_gen()
+    assert (preset.layers, preset.shared_scale, preset.steps, preset.score_shift) == ("single", 1.1, None, 0.0)
+    out = cp(PROMPTS[:2], seed=0, controls=[ac.SharedAttention()], **kw).images
+    assert torch.equal(cp(PROMPTS[:2], seed=0, controls=[preset], **kw).images, out)
+    # SD / SDXL keep StyleAligned's defaults: every self-attention layer, s = 1
+    everywhere = cp(PROMPTS[:2], seed=0, controls=[ac.SharedAttention(layers="self", shared_scale=1.1)], **kw).images
+    assert (everywhere - out).abs().max().item() > 1e-4
 
 
 # ---- errors and composition ----------------------------------------------------------------------

@@ -22,7 +22,11 @@ FLUX the reference image's keys are appended with RoPE positions shifted by the 
 x (``ids[:, 2] += width // 16`` in the official code), so they sit beside the target's tokens
 instead of on top of them; AdaIN acts on the image tokens before RoPE, as there. We apply the shift
 to the already rotated keys as one extra rotation by Δ = (0, 0, w) (rotations compose exactly) and
-undo / redo RoPE around AdaIN. SD3 joint attention shares the image tokens the same way, without positions.
+undo / redo RoPE around AdaIN. FLUX defaults follow the official ``inference.py``: only the
+single-stream blocks share (``block=(19, 57)`` over FLUX.1's 19 double + 38 single attention
+layers), the targets see the reference keys ×1.1 (``style_lambda=1.1``, mode ``"fix"``), at
+every step (``timesteps=(0, 30)`` are step indices of its 30-step run); `SharedAttention.aligned_gen`
+pins that setting. SD3 joint attention shares the image tokens the same way, without positions.
 
 The reference row's output is bit-identical to a run without the control: `out` recomputes it
 with SDPA over its own keys, as the stock layer does (the batched call would give it the same
@@ -49,6 +53,7 @@ from ..control import Control
 from ..selectors import SelectorLike
 
 _EPS = 1e-5  # the official calc_mean_std's eps
+ALIGNED_GEN_KEY_SCALE = 1.1  # AlignedGen inference.py: --style_lambda 1.1 with style_lambda_mode="fix"
 
 
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
@@ -83,10 +88,12 @@ class SharedAttention(Control):
         adain_queries: AdaIN the targets' queries toward the reference's statistics.
         adain_keys: AdaIN the targets' keys toward the reference's statistics.
         adain_values: AdaIN the targets' values too (off in the paper).
-        shared_scale: s, multiplies the reference keys seen by the targets (1: none).
+        shared_scale: s, multiplies the reference keys seen by the targets (1: none; default 1,
+            on FLUX 1.1, AlignedGen's ``style_lambda``).
         score_shift: δ added to the targets' logits of the reference keys (a log, e.g. 0.693 = log 2).
         shared_norms: also share the UNet's GroupNorm statistics with the reference (SD/SDXL only).
-        layers: self-attention layers that share (default: all).
+        layers: self-attention layers that share (default: all; on FLUX the single-stream
+            blocks, as AlignedGen's ``block=(19, 57)``).
         steps: (start, stop) steps where sharing is on (ints or fractions).
         reference_image: an image (PIL or path) whose style to take; it is DDIM-inverted and
             becomes the reference row (SD/SDXL; any variance-preserving scheduler: DDIM, PNDM,
@@ -108,7 +115,7 @@ class SharedAttention(Control):
         adain_queries: bool = True,
         adain_keys: bool = True,
         adain_values: bool = False,
-        shared_scale: float = 1.0,
+        shared_scale: float | None = None,
         score_shift: float = 0.0,
         shared_norms: bool = False,
         layers: SelectorLike | None = None,
@@ -135,6 +142,7 @@ class SharedAttention(Control):
         if reference_prompt is not None and (not isinstance(reference_prompt, str) or not reference_prompt.strip()):
             raise ValueError("reference_prompt must be a non-empty string")
         super().__init__(layers=layers, steps=steps)
+        self._user_layers = layers
         self.reference = reference
         self.adain_queries, self.adain_keys, self.adain_values = bool(adain_queries), bool(adain_keys), bool(adain_values)
         self.shared_scale = None if shared_scale is None else float(shared_scale)
@@ -145,7 +153,27 @@ class SharedAttention(Control):
         self.inversion_guidance = float(inversion_guidance)
         self.inversion_offset = inversion_offset
 
+    @classmethod
+    def aligned_gen(cls, **overrides) -> "SharedAttention":
+        """AlignedGen's published FLUX setting (Zhang et al. 2025, official ``inference.py``): share in
+        the single-stream blocks only (``block=(19, 57)`` of FLUX.1's 19 + 38 attention layers), the
+        targets see the reference keys ×1.1 (``style_lambda_mode="fix"``, ``style_lambda=1.1``), at
+        every step (``timesteps=(0, 30)`` step indices in a 30-step run), AdaIN on q and k, no score
+        shift, the reference masked from the shared keys (``constrain_first``). These are also the
+        FLUX defaults of `SharedAttention()`; this preset pins them for any model with single blocks."""
+        kw = {"layers": "single", "shared_scale": ALIGNED_GEN_KEY_SCALE, "adain_queries": True, "adain_keys": True,
+              "adain_values": False, "score_shift": 0.0}
+        kw.update(overrides)
+        return cls(**kw)
+
     # ---- where ---------------------------------------------------------------------------------
+    def narrow_layers(self, picked: list, grid) -> list:
+        """FLUX default (no `layers=`): only the single-stream blocks, as AlignedGen."""
+        if self._user_layers is not None:
+            return picked
+        single = [(lay, h) for lay, h in picked if lay.place == "single"]
+        return single or picked
+
     def check_layers(self, picked) -> None:
         bad = [layer.name for layer, _ in picked if not layer.has_part("self")]
         if bad:
@@ -166,7 +194,7 @@ class SharedAttention(Control):
             )
         scale = self.shared_scale
         if scale is None:
-            scale = 1.0
+            scale = ALIGNED_GEN_KEY_SCALE if run.family == "flux" else 1.0
         store: dict = {"rows": {}, "bias": {}, "hooks": [], "scale": scale}
         run.store[self] = store
         if run.family == "flux" and pipeline is not None:
