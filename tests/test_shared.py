@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from attnctrl.pipelines import ControlledPipeline
 from conftest import call_kwargs, processors_of, stock_latents
 from diffusers.models.embeddings import apply_rotary_emb
@@ -269,6 +270,53 @@ def test_shared_group_norms_keep_the_reference_and_change_targets(tiny):
     assert (normed[1] - plain[1]).abs().max().item() > 1e-4
     after = {id(m): dict(m._forward_hooks) for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm)}
     assert after == before  # hooks removed at the end of the run
+
+
+class NormProbe(Control):
+    """Records the input and the final output (after every other forward hook) of one module's first call."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.seen, self._handle = module, None, None
+
+    def begin(self, run):
+        def hook(mod, args, output):
+            if self.seen is None:
+                self.seen = (args[0].clone(), output.clone())
+
+        self._handle = self.module.register_forward_hook(hook)  # after SharedAttention's (controls begin in order)
+
+    def end(self, run):
+        self._handle.remove()
+
+
+@pytest.mark.parametrize("module", ["down_blocks.1.resnets.0.norm2", "mid_block.attentions.0.norm"])
+def test_shared_group_norm_uses_joint_target_and_reference_statistics(tiny, module):
+    """StyleAligned's register_shared_norm: the GroupNorm input of row b becomes [x_b ; x_ref] along
+    height, so a target's group mean and (biased) variance are those of its own and the reference's
+    elements together, equal weight; written out here in float64. The reference rows are untouched."""
+    pipe = tiny("tiny-sdxl")
+    norm = pipe.unet.get_submodule(module)
+    probe = NormProbe(norm)
+    _run(pipe, "tiny-sdxl", PROMPTS[:2], [ac.SharedAttention(reference=0, shared_norms=True), probe])
+    x, y = probe.seen  # step 0: rows uncond 0, 1 then cond 0, 1; the references are rows 0 and 2
+    g, eps = norm.num_groups, norm.eps
+    w, b = norm.weight.double()[:, None, None], norm.bias.double()[:, None, None]
+
+    def normalise(xt, mu, var):
+        return ((xt - mu) / (var + eps).sqrt()).reshape(x.shape[1:]) * w + b
+
+    for t, r in ((1, 0), (3, 2)):
+        xt, xr = x[t].double().reshape(g, -1), x[r].double().reshape(g, -1)
+        joint = torch.cat([xt, xr], dim=1)
+        expected = normalise(xt, joint.mean(1, keepdim=True), joint.var(1, unbiased=False, keepdim=True))
+        assert (y[t].double() - expected).abs().max().item() <= 1e-5
+        # the statistics matter: neither the target's own nor the reference's alone give that
+        own = normalise(xt, xt.mean(1, keepdim=True), xt.var(1, unbiased=False, keepdim=True))
+        ref_only = normalise(xt, xr.mean(1, keepdim=True), xr.var(1, unbiased=False, keepdim=True))
+        assert (expected - own).abs().max().item() > 1e-2 and (expected - ref_only).abs().max().item() > 1e-2
+    stock = F.group_norm(x, g, norm.weight, norm.bias, eps)
+    assert torch.equal(y[[0, 2]], stock[[0, 2]])
 
 
 # ---- reference from a real image -------------------------------------------------------------------
