@@ -48,9 +48,13 @@ class InversionResult:
 
 
 def _diffusers(pipe):
-    from .pipelines import ControlledPipeline
+    """The diffusers pipeline a ControlledPipeline wraps (its ``.pipe``), or `pipe` itself.
 
-    return pipe.pipe if isinstance(pipe, ControlledPipeline) else pipe
+    Duck-typed so the core does not import the pipelines layer (the import contract in pyproject)."""
+    from diffusers import DiffusionPipeline
+
+    inner = getattr(pipe, "pipe", None)
+    return inner if isinstance(inner, DiffusionPipeline) else pipe
 
 
 def _family(pipe) -> str:

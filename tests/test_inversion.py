@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs
 from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
 import attnctrl as ac
 from attnctrl.inversion import invert_latents, invert_trajectory
+from attnctrl.pipelines import ControlledPipeline
+from conftest import call_kwargs
 
 PROMPT = "a red car"
 

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs, processors_of, stock_latents
+from diffusers import DDIMScheduler
 from diffusers.models.embeddings import apply_rotary_emb
 from PIL import Image
+from test_inversion import ddim_inversion_by_hand, pndm_pipe
 
 import attnctrl as ac
 from attnctrl.cli import main
 from attnctrl.control import Control
 from attnctrl.controls.shared import inverted_index
 from attnctrl.inversion import encode_image, invert_trajectory
-from diffusers import DDIMScheduler
-from test_inversion import ddim_inversion_by_hand, pndm_pipe
+from attnctrl.pipelines import ControlledPipeline
+from conftest import call_kwargs, processors_of, stock_latents
 
 PROMPTS = ["a red car", "a white sheep", "a blue house"]
 
@@ -438,7 +438,7 @@ def test_cli_prompts_file_and_shared_control(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"), ("empty", "is empty"), ("both", "not both"), ("noref", "does not exist"),
+    ("missing", "does not exist"), ("empty", "has no prompts"), ("both", "not both"), ("noref", "does not exist"),
 ])
 def test_cli_bad_input(tmp_path, capsys, case, message):
     empty = tmp_path / "empty.txt"

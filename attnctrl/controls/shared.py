@@ -43,13 +43,13 @@ the reference image's prompt at that place in the prompt list.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..control import Control
+from ..images import open_image
 from ..selectors import SelectorLike
 
 _EPS = 1e-5  # the official calc_mean_std's eps
@@ -148,13 +148,13 @@ class SharedAttention(Control):
         self.shared_scale = None if shared_scale is None else float(shared_scale)
         self.score_shift = float(score_shift)
         self.shared_norms = bool(shared_norms)
-        self.reference_image = _open_image(reference_image)
+        self.reference_image = open_image(reference_image, what="reference image")
         self.reference_prompt = reference_prompt
         self.inversion_guidance = float(inversion_guidance)
         self.inversion_offset = inversion_offset
 
     @classmethod
-    def aligned_gen(cls, **overrides) -> "SharedAttention":
+    def aligned_gen(cls, **overrides) -> SharedAttention:
         """AlignedGen's published FLUX setting (Zhang et al. 2025, official ``inference.py``): share in
         the single-stream blocks only (``block=(19, 57)`` of FLUX.1's 19 + 38 attention layers), the
         targets see the reference keys ×1.1 (``style_lambda_mode="fix"``, ``style_lambda=1.1``), at
@@ -433,25 +433,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     from diffusers.models.embeddings import apply_rotary_emb
 
     return apply_rotary_emb(x, (cos, sin), sequence_dim=2)
-
-
-def _open_image(image: Any):
-    if image is None:
-        return None
-    if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"reference image {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read reference image {str(path)!r}: {err}") from None
-    if hasattr(image, "convert") and hasattr(image, "size"):
-        return image.convert("RGB")
-    raise TypeError(f"reference_image must be a PIL image or a path, got {type(image).__name__}")
 
 
 __all__ = ["SharedAttention", "adain", "inverted_index"]
