@@ -11,7 +11,7 @@ from .controls import AttentionModulation
 from .controls import StructuredGuidance
 from .controls import SharedAttention
 from .controls import IsolationReposition, MutualSelfAttention
-from .inversion import InversionResult, ddim_invert
+from .inversion import InversionResult, ddim_invert, invert_trajectory
 from .layers import LayerInfo
 from .maps import AttentionMapResult
 from .plan import CompositionError
@@ -44,6 +44,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "attach", "AttendExcite", "AStar", "Conform", "Control", "AttentionMaps", "AttentionModulation", "StructuredGuidance", "HeadPerturbation", "PAG", "SharedAttention", "IsolationReposition", "MutualSelfAttention", "ddim_invert", "InversionResult", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
+    "load", "attach", "AttendExcite", "AStar", "Conform", "Control", "AttentionMaps", "AttentionModulation", "StructuredGuidance", "HeadPerturbation", "PAG", "SharedAttention", "IsolationReposition", "MutualSelfAttention", "ddim_invert", "invert_trajectory", "InversionResult", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
     "LayerInfo", "Selector", "SelectorError", "CompositionError", "BatchLayout", "RunContext", "StepState",
 ]

@@ -50,7 +50,9 @@ def add_generate_parser(sub, models: str) -> None:
                    help="text file with one prompt per line, generated as one batch (instead of PROMPT)")
     g.add_argument("--reference-image", default=None, metavar="PATH",
                    help="style reference image for the shared control (added if absent); it is DDIM-inverted "
-                        "and replaces the reference row (put its prompt at that place)")
+                        "(guidance 2, any variance-preserving scheduler) to the run's timesteps and replaces the "
+                        "reference row (put its prompt at that place); tune with --control shared "
+                        "inversion_guidance=... inversion_offset=...")
     g.add_argument("--reference-prompt", default=None, metavar="TEXT",
                    help="prompt used to invert --reference-image (default: the reference row's prompt)")
     g.add_argument("--model", "-m", default=None, help=f"{models} (default: {DEFAULT_MODEL})")
