@@ -357,6 +357,34 @@ def test_conform_defaults_follow_the_authors_notebook():
     assert on.step_range(50) == (0, 25)
 
 
+def test_astar_loss_is_eq2_plus_eq3_against_the_previous_steps_masks():
+    """AStar.image_loss on hand-made 2×2 maps: L = w_seg·Eq.2(current) + w_ret·Eq.3(current, B(previous))."""
+    from attnctrl.state import StepState
+
+    current = torch.tensor([[[0.6, 0.2], [0.0, 0.2]], [[0.1, 0.3], [0.4, 0.2]]])  # car, sheep
+    previous = torch.tensor([[[0.1, 0.9], [0.0, 0.0]], [[0.0, 0.0], [0.3, 0.2]]])
+    # B (≥ half the peak): car [[0,1],[0,0]] (peak .9), sheep [[0,0],[1,1]] (peak .3) — not the
+    # current maps' own masks ([[1,0],[0,0]] and [[0,1],[1,1]]), so a mask taken from the wrong maps shows
+
+    class WithPrevious(ac.AStar):
+        def previous_maps(self, image):
+            return previous
+
+    def loss(index, **kw):
+        return WithPrevious(tokens=["car", "sheep"], **kw).image_loss(current, 0, StepState(index, 500.0, 10)).item()
+
+    # Eq. 2: Σmin(car, sheep) = .1+.2+0+.2 = .5, Σ(car+sheep) = 2 → .25
+    # Eq. 3: car 1 − .2/(1 + 1) = .9; sheep 1 − (.4+.2)/(1 + 2) = .8; Σ = 1.7
+    assert loss(1) == pytest.approx(0.25 + 1.7)
+    assert loss(1, segregation=2.0, retention=0.5) == pytest.approx(2 * 0.25 + 0.5 * 1.7)
+    assert loss(1, reduction="mean") == pytest.approx(0.25 + 1.7 / 2)
+    assert loss(0) == pytest.approx(0.25)  # step 0: nothing to retain
+    assert loss(1, segregation=0.0) == pytest.approx(1.7)
+    # soft-IoU variant: car a = [[1, 1/3], [0, 1/3]]: Σa·B = 1/3, Σ(a + B − a·B) = 5/3 + 1 − 1/3 → 1 − 1/7
+    #                   sheep a = [[1/4, 3/4], [1, 1/2]]: Σa·B = 3/2, Σ(a+B−aB) = 5/2 + 2 − 3/2 → 1 − 1/2
+    assert loss(1, segregation=0.0, retention_form="soft-iou") == pytest.approx((1 - 1 / 7) + 0.5)
+
+
 def test_astar_defaults_are_the_papers_equations_at_every_step():
     a = ac.AStar(tokens=["car", "sheep"])
     assert (a.reduction, a.retention_form, a.threshold) == ("sum", "paper", 0.5)
