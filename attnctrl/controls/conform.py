@@ -67,7 +67,9 @@ class Conform(AttentionLossControl):
         previous: add the previous step's maps as extra positives (True).
         softmax_normalize: softmax ×100 over the text tokens (without the first and last) first (False).
         softmax_normalize_attention_maps: softmax ×100 over each smoothed map's pixels (False).
-        smoothing: Gaussian smoothing of each map (True); `kernel_size` (3) and `sigma` (0.5).
+        smoothing: Gaussian smoothing of each map (the reference's ``do_smoothing``; True).
+        kernel_size: smoothing kernel size (``smoothing_kernel_size``; 3).
+        sigma: smoothing σ (``smoothing_sigma``; 0.5).
         refinement_steps: steps that refine `max_refinement` iterations ((0, 10, 20)).
         max_refinement: refinement iterations (20).
         scale_factor: step size scale α (20).
