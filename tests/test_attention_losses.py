@@ -479,3 +479,10 @@ def test_command_line_forms():
     assert e.thresholds == {0: 0.1, 10: 0.6}
     assert e.optimizer.refinement == pytest.approx({0: 0.9, 10: 0.4})
     assert parse_control("attend-excite", ["tokens=cat", "thresholds="]).optimizer.refinement == {}
+
+
+def test_attend_excite_defaults_follow_the_reference():
+    """diffusers' pipeline updates while ``i < max_iter_to_alter = 25`` (absolute steps), at any T."""
+    c = ac.AttendExcite(tokens=["cat"])
+    assert c.step_range(50) == (0, 25) and c.step_range(30) == (0, 25)
+    assert c.normalize_eot is None and ac.AttendExcite(tokens=["cat"], normalize_eot=True).normalize_eot is True

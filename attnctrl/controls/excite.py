@@ -16,7 +16,7 @@ class AttendExcite(AttentionLossControl):
 
     Loss (paper Eq. 2): ``L = max_s (1 − max A_s)`` on 16×16 cross-attention maps (softmax over
     the text tokens ×100 without BOS/EOS, Gaussian-smoothed), minimised by ``z ← z − α_i ∇L``
-    with ``α_i = 20·sqrt(linspace(1, 0.5, T))`` over the first half of the steps; at steps
+    with ``α_i = 20·sqrt(linspace(1, 0.5, T))`` over steps 0–24 (``max_iter_to_alter=25``); at steps
     0, 10 and 20 the update repeats (≤ 20 times) until every subject peaks above 0.05, 0.5, 0.8.
     Reproduces diffusers' ``StableDiffusionAttendAndExcitePipeline``.
 
@@ -28,8 +28,11 @@ class AttendExcite(AttentionLossControl):
         scale_factor: step size scale α (20).
         scale_range: α_i = scale_factor·sqrt(linspace(start, end, T)[i]) ((1.0, 0.5)).
         resolution: token-grid height of the maps (default: latent grid / 4, i.e. 16 for SD at 512 px).
-        steps: steps that take a latent update (first half: (0, 0.5)).
+        steps: steps that take a latent update ((0, 25): absolute step indices 0–24, as the
+            reference's ``max_iter_to_alter=25``; the first half of a 50-step run).
         smoothing: Gaussian smoothing of the maps (kernel 3, σ 0.5) before the loss.
+        normalize_eot: renormalise over the prompt's tokens only (the reference's SD 2.x setting);
+            None: on when the tokenizer pads with its own pad token (SD 2.x).
         layers: cross-attention layers to read (narrowed to `resolution`).
     """
 
@@ -43,8 +46,9 @@ class AttendExcite(AttentionLossControl):
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
         resolution: int | None = None,
-        steps: tuple[float, float] | None = (0.0, 0.5),
+        steps: tuple[float, float] | None = (0, 25),
         smoothing: bool = True,
+        normalize_eot: bool | None = None,
         layers=None,
     ):
         self.tokens = as_list(tokens, "tokens")
@@ -52,7 +56,8 @@ class AttendExcite(AttentionLossControl):
         targets = {k: max(0.0, 1.0 - v) for k, v in self.thresholds.items()}
         super().__init__(
             resolution=resolution, steps=steps, scale_factor=scale_factor, scale_range=scale_range,
-            refinement=targets, max_refinement=max_refinement, smoothing=smoothing, layers=layers,
+            refinement=targets, max_refinement=max_refinement, smoothing=smoothing, normalize_eot=normalize_eot,
+            layers=layers,
         )
 
     def subject_specs(self) -> list:
