@@ -371,16 +371,16 @@ def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(t
     run.store["pipeline"] = pipe
     c.begin(run)
     run.state = StepState(0, 999.0, 4)
-    # two layers, two heads: the mean over both is source [0, 5, 10, 1] (fg 1, 2, 3), target [10, 0, .9, 0] (fg 0);
-    # a single layer or head alone gives other masks
+    # two layers, two heads: the mean over both is source [0, 5, 10, 1] (fg 1, 2, 3), target [10, 5, .9, 0] (fg 0, 1;
+    # not the source's complement, so swapping the two masks' roles shows); a single layer or head alone gives other masks
     for src, tgt in (([[0, 20, 0, 0], [0, 0, 0, 4]], [[20, 0, 0, 0], [0, 0, 0, 0]]),
-                     ([[0, 0, 20, 0], [0, 0, 20, 0]], [[0, 0, 3.6, 0], [20, 0, 0, 0]])):
+                     ([[0, 0, 20, 0], [0, 0, 20, 0]], [[0, 20, 3.6, 0], [20, 0, 0, 0]])):
         assert c.needs_probs(_maps_call(run, None))
         c.probs(_maps_call(run, None), _probs(src, tgt))
     q, k, v = _qkv(16)  # an up-block self-attention layer at 4x4: the 2x2 masks resized (nearest)
     o = attend(_self_call(run, q, k, v, (4, 4)), [(c, None)])
     src_fg = [2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # 2x2 [[0, 1], [1, 1]] at 4x4
-    tgt_fg = [0, 1, 4, 5]  # 2x2 [[1, 0], [0, 0]] at 4x4
+    tgt_fg = [0, 1, 2, 3, 4, 5, 6, 7]  # 2x2 [[1, 1], [0, 0]] at 4x4
     for s, t in ((0, 1), (2, 3)):  # the uncond rows use the cond rows' masks
         fg, bg = _mean_rows(v[s, 0], src_fg), _mean_rows(v[s, 0], [0, 1, 4, 5])
         want = torch.stack([fg if j in tgt_fg else bg for j in range(16)])
