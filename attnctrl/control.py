@@ -10,19 +10,23 @@ Attention level (called by the processors, for the layers the control selected):
     probs(call, p)     read/edit explicit probabilities; only called when `needs_probs(call)`.
     out(call, o)       edit the per-head output (B×H×Lq×D), e.g. perturbation (1−u)·o + u·v.
     replaced_rows(call) rows whose output `out` will replace whole (they are not computed).
-Loop level (called by `ControlledPipeline`):
-    branches()                          extra batch branches, e.g. ``["perturbed"]``.
-    branch_source(branch)               which conditioning a branch uses ("cond" or "uncond").
-    combine(preds, state, guided)       return the new guided prediction (composes in order).
-    before_step(latents, state, denoise) latent update before the step (e.g. A&E optimisation).
-    after_step(latents, state)          observe the new latents.
+Loop level (called by `ControlledPipeline`; the run comes first, ``run.state`` is the step):
+    branches(run)                        extra batch branches, e.g. ``["perturbed"]``.
+    branch_source(branch)                which conditioning a branch uses ("cond" or "uncond").
+    combine(run, preds, guided)          return the new guided prediction (composes in order).
+    before_step(run, latents, denoise)   latent update before the step (e.g. A&E optimisation).
+    after_step(run, latents)             observe the new latents.
 Run lifetime:
-    begin(run) / end(run)               set up and tear down per-run state (kept in ``run.store``).
-    result(run)                         a value placed on the output (``out.maps`` for maps).
+    begin(run) / end(run)                set up and tear down per-run state (kept in ``run.store[self]``).
+    result(run)                          a value placed on the output (``out.maps`` for maps).
+
+A control object is configuration; what one run needs lives on the run (``run.store[self]``),
+never on the control, so one control object serves any number of runs.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .selectors import SelectorLike
 
@@ -61,7 +65,7 @@ class Control:
         conv = lambda x: int(round(x * num_steps)) if isinstance(x, float) and 0.0 <= x <= 1.0 else int(x)
         return conv(lo), conv(hi)
 
-    def active(self, state: "StepState | None") -> bool:
+    def active(self, state: StepState | None) -> bool:
         if state is None or self.steps is None:
             return True
         lo, hi = self.step_range(state.num_steps)
@@ -84,24 +88,24 @@ class Control:
         e.g. to the one resolution a loss reads. Default: keep them all."""
         return picked
 
-    def needs_probs(self, call: "AttentionCall") -> bool:
+    def needs_probs(self, call: AttentionCall) -> bool:
         """Explicit probabilities are computed on a layer only if a control there says so."""
         return self.implements("probs")
 
     # ---- attention-level hooks ------------------------------------------------------------------
-    def qkv(self, call: "AttentionCall") -> None:
+    def qkv(self, call: AttentionCall) -> None:
         return None
 
-    def bias(self, call: "AttentionCall") -> "torch.Tensor | None":
+    def bias(self, call: AttentionCall) -> torch.Tensor | None:
         return None
 
-    def probs(self, call: "AttentionCall", p: "torch.Tensor") -> "torch.Tensor":
+    def probs(self, call: AttentionCall, p: torch.Tensor) -> torch.Tensor:
         return p
 
-    def out(self, call: "AttentionCall", o: "torch.Tensor") -> "torch.Tensor":
+    def out(self, call: AttentionCall, o: torch.Tensor) -> torch.Tensor:
         return o
 
-    def replaced_rows(self, call: "AttentionCall") -> "slice | None":
+    def replaced_rows(self, call: AttentionCall) -> slice | None:
         """Batch rows whose attention output `out` replaces whole: the layer skips computing them."""
         return None
 
@@ -112,25 +116,25 @@ class Control:
     def branch_source(self, branch: str) -> str:
         return "cond"
 
-    def combine(self, preds: dict, state: "StepState", guided: "torch.Tensor") -> "torch.Tensor":
+    def combine(self, preds: dict, state: StepState, guided: torch.Tensor) -> torch.Tensor:
         return guided
 
     def before_step(
-        self, latents: "torch.Tensor", state: "StepState", denoise: Callable[["torch.Tensor"], "torch.Tensor"]
-    ) -> "torch.Tensor":
+        self, latents: torch.Tensor, state: StepState, denoise: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         return latents
 
-    def after_step(self, latents: "torch.Tensor", state: "StepState") -> None:
+    def after_step(self, latents: torch.Tensor, state: StepState) -> None:
         return None
 
     # ---- lifetime -------------------------------------------------------------------------------
-    def begin(self, run: "RunContext") -> None:
+    def begin(self, run: RunContext) -> None:
         return None
 
-    def end(self, run: "RunContext") -> None:
+    def end(self, run: RunContext) -> None:
         return None
 
-    def result(self, run: "RunContext") -> Any:
+    def result(self, run: RunContext) -> Any:
         return None
 
     def __repr__(self) -> str:

@@ -6,8 +6,9 @@ Nothing here is global and nothing is counted from attention calls: the loop (or
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class BatchLayout:
     images: int
 
     @classmethod
-    def build(cls, images: int, cfg: bool, extra: Sequence[str] = ()) -> "BatchLayout":
+    def build(cls, images: int, cfg: bool, extra: Sequence[str] = ()) -> BatchLayout:
         base = ("uncond", "cond") if cfg else ("cond",)
         dup = [b for b in extra if b in base]
         if dup or len(set(extra)) != len(extra):
@@ -65,13 +66,33 @@ class BatchLayout:
 
 
 @dataclass
-class RunContext:
-    """Everything one controlled run shares with its attention processors.
+class TextEncoders:
+    """What a run knows of its text side, set by the pipelines layer so that no control needs the
+    pipeline: the tokenizers under the pipeline's attribute names (``tokenizer``, ``tokenizer_2``,
+    ``tokenizer_3``; `attnctrl.tokens` reads them as it reads a pipeline), the CLIP length, the run's
+    T5 length (``max_sequence_length``; None without T5), and ``encode(texts)``: the pipeline's own
+    prompt embeddings of `texts`, one each, without CFG, shaped (len, L, C)."""
 
-    `state` and `layout` are (re)written by the loop; `grid` is the image-token grid (h, w) at the
-    denoiser's input; `text_len` the number of text tokens in joint sequences (FLUX single blocks
-    need it to split their concatenated sequence); `store` is scratch space controls may use,
-    keyed by control, created empty for each run.
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    tokenizer_3: Any = None
+    tokenizer_max_length: int = 77
+    max_sequence_length: int | None = None
+    encode: Callable[[list[str]], Any] | None = None
+
+
+@dataclass
+class RunContext:
+    """Everything one controlled run shares with its controls and attention processors.
+
+    Written by the loop: `state` (the step) and `layout` (which batch row is what). Set once by
+    `ControlledPipeline` or `attach`: `family`; `grid`, the image-token grid (h, w) at the denoiser's
+    input; `pixel_size`, the image's (H, W) in pixels; `text_len`, the number of text tokens in joint
+    sequences; `prompts`, one per prompt (images are prompt-major); `text`, the tokenizers and
+    prompt encoding (`TextEncoders`); `denoiser`, the UNet or transformer; `timesteps`, the
+    scheduler's; `invert(image, prompt, guidance_scale=..., **kw)`, the inversion of a real image to
+    every timestep of the run (`attnctrl.inversion.invert_trajectory` on the run's pipeline).
+    `store` holds the controls' per-run state, keyed by control, created empty for each run.
     """
 
     family: str
@@ -83,3 +104,34 @@ class RunContext:
     store: dict[Any, Any] = field(default_factory=dict)
     # the per-layer plan: layer name -> list of (control, heads or None); filled by `plan.build_plan`
     plan: dict[str, list] = field(default_factory=dict)
+    pixel_size: tuple[int, int] | None = None
+    text: TextEncoders | None = None
+    denoiser: Any = None
+    timesteps: list[float] = field(default_factory=list)
+    invert: Callable[..., Any] | None = None
+
+    def prompt_of(self, image: int) -> str:
+        """The prompt of image `image` (prompt-major: ``images // len(prompts)`` images per prompt)."""
+        if not self.prompts:
+            raise ValueError("this run has no prompt text (ac.attach does not see it); pass token indices")
+        per = max(self.layout.images // len(self.prompts), 1)
+        return self.prompts[min(image // per, len(self.prompts) - 1)]
+
+    def needs_text(self, who: str) -> TextEncoders:
+        """The run's `TextEncoders`, or a ValueError naming `who` when the run has none (ac.attach)."""
+        if self.text is None or not self.prompts:
+            raise ValueError(
+                f"{who} needs the prompt text and the tokenizers: run it through ac.ControlledPipeline "
+                "(ac.load(...)), not ac.attach"
+            )
+        return self.text
+
+    def tokens(self, image: int, spec: Any) -> list[int]:
+        """Indices of `spec` (a word, phrase, ``"word#2"`` or raw indices) among the text keys the
+        attention layers see for image `image` (`attnctrl.tokens.joint_text_indices`)."""
+        from .tokens import joint_text_indices
+
+        text = self.needs_text("resolving words")
+        return joint_text_indices(
+            text, self.prompt_of(image), spec, self.family, max_sequence_length=text.max_sequence_length
+        )

@@ -12,9 +12,9 @@ exception, the original processors are back and the hook is removed.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,8 @@ from attnctrl.plan import build_plan, check_controls
 from attnctrl.processors.install import installed
 from attnctrl.selectors import as_selectors, select
 from attnctrl.state import BatchLayout, RunContext, StepState
+
+from .facts import pixel_size, set_run_facts
 
 LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 
@@ -79,6 +81,7 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
         for layer, _ in select(layers, ignore_res, None, owner=type(c).__name__):
             candidates[layer.name] = layer
     run = RunContext(family=family, layout=BatchLayout.build(1, False), grid=(0, 0))
+    set_run_facts(run, pipe, denoiser)  # no prompts here: controls that read words refuse attach
 
     def pre_hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -97,6 +100,7 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
         grid = _grid(family, pipe, x, kwargs)
         if grid != run.grid:
             run.grid = grid
+            run.pixel_size = pixel_size(pipe, family, grid)
             run.plan = build_plan(controls, layers, grid)
         return None
 

@@ -1,8 +1,9 @@
 """`ControlledPipeline`: a diffusers pipeline plus attention controls, as a drop-in `__call__`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from attnctrl.state import BatchLayout, RunContext
 
 from .adapters import ADAPTERS
 from .adapters.base import call_defaults
+from .facts import set_run_facts
 from .loop import denoise_loop
 
 TEXT_TO_IMAGE = {
@@ -57,9 +59,10 @@ def _check_prompt(kw: dict) -> None:
 
 def _check_numbers(kw: dict) -> None:
     steps = kw.get("num_inference_steps")
-    if kw.get("timesteps") is None and kw.get("sigmas") is None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    if kw.get("timesteps") is None and kw.get("sigmas") is None and (
+        not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+    ):
+        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
     n = kw.get("num_images_per_prompt", 1)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
@@ -131,7 +134,7 @@ class ControlledPipeline:
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
-    def to(self, *args, **kwargs) -> "ControlledPipeline":
+    def to(self, *args, **kwargs) -> ControlledPipeline:
         self.pipe.to(*args, **kwargs)
         return self
 
@@ -175,6 +178,8 @@ class ControlledPipeline:
                 text_len=prep.text_len, prompts=prep.prompts,
             )
             run.plan = build_plan(controls, layers, prep.grid)
+            t5_length = kw.get("max_sequence_length") if self.family in ("sd3", "flux") else None
+            set_run_facts(run, pipe, self.denoiser, self.adapter, t5_length, prep.timesteps)
             run.store["pipeline"] = self
             planned = [layer for layer in layers if layer.name in run.plan]
             started = []

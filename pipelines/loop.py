@@ -2,16 +2,16 @@
 
     for each step i, timestep t:
         run.state = StepState(i, t, T)                      # explicit, never counted
-        latents = c.before_step(latents, state, denoise)    # e.g. Attend-and-Excite updates
+        latents = c.before_step(run, latents, denoise)      # e.g. Attend-and-Excite updates
         preds   = split(denoiser(cat(latents per branch)))  # {"uncond", "cond", extra branches}
         guided  = ε_u + w(ε_c − ε_u)   (or ε_c without CFG) # exactly the stock expression
-        guided  = c.combine(preds, state, guided)           # e.g. PAG: + s(ε_c − ε_ptb)
+        guided  = c.combine(run, preds, guided)             # e.g. PAG: + s(ε_c − ε_ptb)
         guided  = rescale(guided, ε_c)                      # guidance_rescale, last, as diffusers' PAG pipelines
         latents = scheduler.step(guided, t, latents)
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -22,10 +22,10 @@ from attnctrl.state import BatchLayout, RunContext, StepState
 from .adapters.base import Adapter, Prepared, cat_rows
 
 
-def branch_inputs(prep: Prepared, layout: BatchLayout, controls: Sequence[Control]) -> dict:
+def branch_inputs(prep: Prepared, run: RunContext, layout: BatchLayout, controls: Sequence[Control]) -> dict:
     """Per-row model inputs for the whole batch, branch by branch in layout order."""
     sources = {"cond": prep.cond, "uncond": prep.uncond}
-    owner = {b: c for c in controls for b in c.branches()}
+    owner = {b: c for c in controls for b in c.branches(run)}
     parts = []
     for branch in layout.branches:
         src = branch if branch in sources else owner[branch].branch_source(branch)
@@ -61,10 +61,10 @@ def denoise_loop(
     callback_tensor_inputs: Sequence[str] = ("latents",),
 ) -> torch.Tensor:
     """Run the denoising loop and return the final latents (in the pipeline's own layout)."""
-    extra = [b for c in controls for b in c.branches()]
+    extra = [b for c in controls for b in c.branches(run)]
     layout = BatchLayout.build(prep.images, prep.cfg, extra)
     cond_layout = BatchLayout.build(prep.images, False)
-    rows = branch_inputs(prep, layout, controls)
+    rows = branch_inputs(prep, run, layout, controls)
     updaters = [c for c in controls if c.implements("before_step")]
     combiners = [c for c in controls if c.implements("combine")]
     watchers = [c for c in controls if c.implements("after_step")]
@@ -89,18 +89,18 @@ def denoise_loop(
                 continue
             run.state = StepState(i, t_values[i], len(t_values))  # as `attach` and the reference pipelines count
             for c in updaters:
-                latents = c.before_step(latents, run.state, denoise_cond)
+                latents = c.before_step(run, latents, denoise_cond)
             x = torch.cat([latents] * n) if n > 1 else latents
             x = adapter.model_input(pipe, x, t)
             noise = adapter.predict(pipe, x, t, rows, prep.shared)
             preds = layout.split(noise)
             guided = guide(prep, preds)
             for c in combiners:
-                guided = c.combine(preds, run.state, guided)
+                guided = c.combine(run, preds, guided)
             guided = rescale(prep, preds, guided)
             latents = adapter.step(pipe, prep, guided, t, latents)
             for c in watchers:
-                c.after_step(latents, run.state)
+                c.after_step(run, latents)
             if callback_on_step_end is not None:
                 available = {"latents": latents}
                 missing = [k for k in callback_tensor_inputs if k not in available]

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 FAMILY_MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(name: str):
     from attnctrl.models.tiny import build_tiny
 
@@ -49,3 +49,9 @@ def stock_latents(pipe, prompt, seed=0, **kw):
 def processors_of(pipe) -> dict:
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     return dict(denoiser.attn_processors)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast set first: tests marked `slow` or `browser` run after all the others (stable order)."""
+    late = lambda item: item.get_closest_marker("slow") is not None or item.get_closest_marker("browser") is not None
+    items.sort(key=late)

@@ -8,6 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
+
+import attnctrl as ac
 from attnctrl.app import runner, schema
 from attnctrl.app.runner import (
     ModelCache,
@@ -16,9 +19,6 @@ from attnctrl.app.runner import (
     latent_hash,
     run_request,
 )
-from PIL import Image
-
-import attnctrl as ac
 from attnctrl.cli import build_parser, main
 from attnctrl.controls.registry import (
     CONTROLS,
@@ -114,7 +114,7 @@ def test_run_reproduces_through_cli_and_python(cache, tmp_path, capsys, monkeypa
 
     # the Python code, executed
     ns: dict = {}
-    exec(compile(res.python, "<app python>", "exec"), ns)  # noqa: S102 - the code the app shows
+    exec(compile(res.python, "<app python>", "exec"), ns)
     assert latent_hash(ns["out"].latents) == res.latent_hash
     assert np.array_equal(_pil_pixels(ns["out"].images[0]), _pil_pixels(res.images[0]))
     assert (tmp_path / "attnctrl_0.png").exists() and (tmp_path / "attnctrl_0.maps.png").exists()

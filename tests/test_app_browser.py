@@ -46,7 +46,7 @@ def _missing() -> str | None:
 _REASON = _missing()
 if _REASON and os.environ.get("ATTNCTRL_REQUIRE_BROWSER"):
     raise RuntimeError(f"ATTNCTRL_REQUIRE_BROWSER is set but {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 
 class WordsProbe(Control):
@@ -168,9 +168,8 @@ def no_error_shown(pg) -> bool:
 
 
 def api_hash(prompt, seed, steps, controls) -> str:
-    from attnctrl.app.runner import latent_hash
-
     import attnctrl as ac
+    from attnctrl.app.runner import latent_hash
 
     pipe = ac.load("tiny-sd")  # built fresh: an independent pipeline, same weights
     out = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=7.5, controls=controls)

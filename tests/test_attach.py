@@ -35,9 +35,8 @@ def test_restored_after_block_and_after_exception(tiny, name):
     with ac.attach(pipe, [Scale()]):
         changed = stock_latents(pipe, PROMPT, **kw)
     assert (changed - ref).abs().max().item() > 1e-3
-    with pytest.raises(RuntimeError, match="boom"):
-        with ac.attach(pipe, [Boom()]):
-            stock_latents(pipe, PROMPT, **kw)
+    with pytest.raises(RuntimeError, match="boom"), ac.attach(pipe, [Boom()]):
+        stock_latents(pipe, PROMPT, **kw)
     after = processors_of(pipe)
     assert all(after[k] is before[k] for k in before)
     assert torch.equal(stock_latents(pipe, PROMPT, **kw), ref)
@@ -57,14 +56,13 @@ def test_attach_maps_equal_controlled_maps(tiny):
 
 def test_attach_refuses_loop_level_controls(tiny):
     class Guide(Control):
-        def combine(self, preds, state, guided):
+        def combine(self, run, preds, guided):
             return guided
 
     pipe = tiny("tiny-sd")
     before = processors_of(pipe)
-    with pytest.raises(ValueError, match="ControlledPipeline"):
-        with ac.attach(pipe, [Guide()]):
-            pass
+    with pytest.raises(ValueError, match="ControlledPipeline"), ac.attach(pipe, [Guide()]):
+        pass
     assert all(processors_of(pipe)[k] is before[k] for k in before)
 
 

@@ -8,8 +8,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -209,6 +210,7 @@ def test_help_exits_zero(capsys, monkeypatch):
     assert done.value.code == 0 and "--select" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_installed_entry_point():
     exe = shutil.which("attnctrl", path=str(Path(sys.executable).parent))
     cmd = [exe, "--help"] if exe else [sys.executable, "-m", "attnctrl", "--help"]
@@ -249,7 +251,7 @@ class _Demo(Control):
         res: list[int] | None = None,
         mode: Literal["fast", "exact"] = "fast",
         window: tuple[float, float] = (0.0, 1.0),
-        limit: Optional[int] = None,
+        limit: int | None = None,
         loose=None,
     ):
         super().__init__(layers=layers)

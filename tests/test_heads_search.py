@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import _cached
 from PIL import Image
 
 from attnctrl import HeadPerturbation
 from attnctrl.cli import main
+from attnctrl.pipelines import ControlledPipeline
 from attnctrl.pipelines.head_search import HeadSearchResult, candidate_heads, search_heads
 from attnctrl.scorers import SCORERS, apply_scorer, colorfulness, contrast, get_scorer, gradient, scorer_id, sharpness
-from attnctrl.pipelines import ControlledPipeline
+from conftest import _cached
 
 PROMPTS = ["a red car and a white sheep"]
 SEEDS = [0]
@@ -103,10 +103,11 @@ def test_candidates_are_the_self_attention_heads_of_the_selected_layers(pipe):
         candidate_heads(pipe, "cross,mid")
 
 
+@pytest.mark.slow
 def test_first_pick_is_the_argmax_of_a_hand_evaluation(pipe, searched):
     result, scorer = searched["full"], searched["scorer"]
     round0 = result.history[0]
-    tried = {(l, h): s for (l, h), s in ((e["head"], e["score"]) for e in round0["tried"])}
+    tried = {(layer, h): s for (layer, h), s in ((e["head"], e["score"]) for e in round0["tried"])}
     hand = {head: hand_score(pipe, scorer, [head]) for head in candidate_heads(pipe, CANDIDATES)}
     assert tried.keys() == hand.keys()
     for head, value in hand.items():
@@ -145,7 +146,7 @@ def test_found_heads_roundtrip_through_json_with_identical_images(pipe, searched
     result = searched["full"]
     path = result.to_json(tmp_path / "heads.json")
     data = json.loads(path.read_text())
-    assert data["heads"] == [[l, h] for l, h in result.heads]
+    assert data["heads"] == [[layer, h] for layer, h in result.heads]
     assert {"heads", "score", "scorer", "settings", "history"} <= data.keys()
     assert data["score"] == result.score and data["settings"]["candidates"] == CANDIDATES
     assert HeadSearchResult.from_json(path).heads == result.heads
@@ -254,6 +255,7 @@ def run(capsys, *argv):
     return rc, cap.out, cap.err
 
 
+@pytest.mark.slow
 def test_cli_search_writes_json_and_resumes(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car and a white sheep\n\n  a cat on a mat  \n")

@@ -6,8 +6,6 @@ Besides end-to-end runs on the tiny models, most properties are pinned on one ha
 import pytest
 import torch
 import torch.nn.functional as F
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs
 
 import attnctrl as ac
 from attnctrl.attention import AttentionCall, active_chain, attend
@@ -15,9 +13,11 @@ from attnctrl.control import Control
 from attnctrl.controls.isolation import SDXL_START_LAYER, default_start_layer, dropout_keep
 from attnctrl.controls.registry import ControlArgError, parse_control
 from attnctrl.layers import LayerInfo
+from attnctrl.pipelines import ControlledPipeline
 from attnctrl.plan import build_plan
 from attnctrl.regions import box_cells, regions_from_maps, relocate
 from attnctrl.state import BatchLayout, RunContext, StepState
+from conftest import call_kwargs
 
 PROMPTS = ["a cat", "a dog", "a cat and a dog"]
 BOXES = "0,0,0.5,1;0.5,0,1,1"  # cat left, dog right (normalised)
@@ -125,7 +125,7 @@ class Steps(Control):
     def begin(self, run):
         self.latents = []
 
-    def after_step(self, latents, state):
+    def after_step(self, run, latents):
         self.latents.append(latents.clone())
 
 
@@ -161,7 +161,7 @@ def test_composes_with_attention_maps(tiny):
 
 
 class NoStep(Control):
-    def after_step(self, latents, state):
+    def after_step(self, run, latents):
         raise AssertionError("a step ran")
 
 
@@ -365,7 +365,7 @@ def test_mutual_cross_attention_by_value():
     cat, dog = (box_cells(b, GRID).flatten() for b in (CAT, DOG))
     for row, (r_cat, r_dog) in ((2, (0, 1)), (5, (3, 4))):
         q = call.q[row].double()
-        read = lambda r: ((q @ call.k[r].double().transpose(-1, -2)) * call.scale).softmax(-1) @ call.v[r].double()
+        read = lambda r, q=q: ((q @ call.k[r].double().transpose(-1, -2)) * call.scale).softmax(-1) @ call.v[r].double()
         want = vanilla[row].double().clone()
         want[:, cat] = (1 - lam) * want[:, cat] + lam * read(r_cat)[:, cat]  # a cat query reads the cat reference's text
         want[:, dog] = (1 - lam) * want[:, dog] + lam * read(r_dog)[:, dog]

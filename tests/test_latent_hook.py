@@ -26,8 +26,8 @@ class PushToken(ac.Control):
         self.maps.append(p[call.run.layout.rows("cond"), :, call.q_image, 2].mean(1))
         return p
 
-    def before_step(self, latents, state, denoise):
-        if state.index > 0:
+    def before_step(self, run, latents, denoise):
+        if run.state.index > 0:
             return latents
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from attnctrl.losses import (
-    binarize, excite_loss, gaussian_kernel, nt_xent_loss, retention_loss, segregation_loss, smooth, token_maps,
+    binarize,
+    excite_loss,
+    gaussian_kernel,
+    nt_xent_loss,
+    retention_loss,
+    segregation_loss,
+    smooth,
+    token_maps,
 )
 from attnctrl.optimizer import LatentOptimizer
 

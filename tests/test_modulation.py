@@ -3,8 +3,6 @@ and the paper's stated properties (masked groups get exactly zero attention, τ 
 softmax, weights reweight-and-renormalise) checked on single layer calls."""
 import pytest
 import torch
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs, processors_of, stock_latents
 
 import attnctrl as ac
 from attnctrl import attention
@@ -15,8 +13,10 @@ from attnctrl.controls.registry import (
     control_params,
     parse_control,
 )
+from attnctrl.pipelines import ControlledPipeline
 from attnctrl.state import StepState
 from attnctrl.tokens import TokenError, joint_text_indices
+from conftest import call_kwargs, processors_of, stock_latents
 
 PROMPT = "a red car and a white sheep"
 GROUPS = "red car;white sheep"
@@ -285,8 +285,8 @@ def test_bad_words_fail_before_any_step(tiny, groups, error, message):
     steps = []
 
     class Spy(Control):
-        def after_step(self, latents, state):
-            steps.append(state.index)
+        def after_step(self, run, latents):
+            steps.append(run.state.index)
 
     with pytest.raises(error, match=message):
         run(tiny, "tiny-sd", [Spy(), ac.AttentionModulation(groups)])

@@ -4,8 +4,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs
 from PIL import Image
 
 import attnctrl as ac
@@ -14,8 +12,10 @@ from attnctrl.control import Control
 from attnctrl.controls.mutual import MutualSelfAttention, auto_masks, forward_order
 from attnctrl.controls.registry import parse_control
 from attnctrl.layers import LayerInfo
+from attnctrl.pipelines import ControlledPipeline
 from attnctrl.selectors import select
 from attnctrl.state import BatchLayout, RunContext, StepState
+from conftest import call_kwargs
 
 PROMPTS = ["a cat sitting", "a cat jumping", "a cat running"]
 SD_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
@@ -29,7 +29,7 @@ class Steps(Control):
     def begin(self, run):
         self.latents = []
 
-    def after_step(self, latents, state):
+    def after_step(self, run, latents):
         self.latents.append(latents.clone())
 
 
@@ -39,7 +39,7 @@ class Inputs(Control):
     def begin(self, run):
         self.latents = []
 
-    def before_step(self, latents, state, denoise):
+    def before_step(self, run, latents, denoise):
         self.latents.append(latents.clone())
         return latents
 
@@ -195,7 +195,7 @@ def test_real_source_image_is_inverted_into_the_source_row(tiny, pin):
 
 
 class NoStep(Control):
-    def after_step(self, latents, state):
+    def after_step(self, run, latents):
         raise AssertionError("a step ran")
 
 
@@ -275,9 +275,8 @@ def test_same_noise_false_keeps_each_images_own_start_and_works_with_attach(tiny
     run(tiny, "tiny-sd", [c, seen], prompts=PROMPTS[:2])
     assert torch.equal(seen.latents[0], start.latents[0])
     assert isinstance(c, MutualSelfAttention) and not c.implements("before_step")
-    with pytest.raises(ValueError, match="before_step"):
-        with ac.attach(tiny("tiny-sd"), [MutualSelfAttention(start_step=1, start_layer=2)]):
-            pass
+    with pytest.raises(ValueError, match="before_step"), ac.attach(tiny("tiny-sd"), [MutualSelfAttention(start_step=1, start_layer=2)]):
+        pass
     # under attach the user passes one start code for every image, as MasaCtrl's playground does
     ref = run(tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2)], prompts=PROMPTS[:2]).images
     pipe = tiny("tiny-sd")

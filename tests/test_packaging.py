@@ -1,6 +1,7 @@
 """Every package folder ships: a wheel (not only an editable install) contains all of attnctrl."""
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -47,8 +47,8 @@ class Preds(Control):
     def begin(self, run):
         self.first = None
 
-    def combine(self, preds, state, guided):
-        if state.index == 0:
+    def combine(self, run, preds, guided):
+        if run.state.index == 0:
             self.first = {k: v.clone() for k, v in preds.items()}
         return guided
 

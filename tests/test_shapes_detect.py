@@ -38,6 +38,7 @@ def _degrade(image: Image.Image, rng: np.random.Generator, blur=0.0, noise=0.0, 
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_exact_on_500_rendered_scenes():
     pairs = list(samples(2024, 600))
     assert {len(s.objects) for _, s in pairs} == {1, 2, 3}

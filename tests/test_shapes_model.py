@@ -53,6 +53,7 @@ def _sig3(losses):
     return [(s, i, float(f"{v:.3g}")) for s, i, v in losses]
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     cfg = TrainConfig(**TINY)
     pipe_a, a = train(cfg, tmp_path / "a", progress=False, device="cpu")
@@ -105,6 +106,7 @@ def test_shipped_pipeline_roundtrips_through_fp16_storage(tmp_path, shipped):
     assert torch.equal(_latents(shipped), _latents(back))
 
 
+@pytest.mark.slow
 def test_shipped_model_draws_what_it_is_told(shipped):
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow square"]
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]

@@ -233,8 +233,8 @@ def test_reference_outside_the_batch_fails_before_any_step(tiny):
     steps = []
 
     class Spy(Control):
-        def combine(self, preds, state, guided):
-            steps.append(state.index)
+        def combine(self, run, preds, guided):
+            steps.append(run.state.index)
             return guided
 
     with pytest.raises(ValueError, match=r"reference=2 is outside the batch of 2 image"):
@@ -333,9 +333,9 @@ class RefRow(Control):
         super().__init__()
         self.row, self.seen, self.timesteps = row, [], []
 
-    def before_step(self, latents, state, denoise):
+    def before_step(self, run, latents, denoise):
         self.seen.append(latents[self.row].clone())
-        self.timesteps.append(int(state.timestep))
+        self.timesteps.append(int(run.state.timestep))
         return latents
 
 

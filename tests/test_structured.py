@@ -1,13 +1,13 @@
 """StructuredGuidance (StructureDiffusion, Feng et al. ICLR 2023): one key, many values."""
 import pytest
 import torch
-from attnctrl.pipelines import ControlledPipeline
-from conftest import call_kwargs, processors_of, stock_latents
 
 import attnctrl as ac
 from attnctrl.control import Control
 from attnctrl.controls.registry import CONTROLS, parse_control
+from attnctrl.pipelines import ControlledPipeline
 from attnctrl.tokens import TokenError
+from conftest import call_kwargs, processors_of, stock_latents
 
 PROMPT = "a red car and a white sheep"
 PROMPTS = [PROMPT, "a small red circle above a big blue square"]
@@ -248,7 +248,7 @@ class StepSpy(Control):
         super().__init__()
         self.steps_seen = 0
 
-    def after_step(self, latents, state):
+    def after_step(self, run, latents):
         self.steps_seen += 1
 
 

@@ -92,3 +92,15 @@ class Adapter:
     def decode(self, pipe, prep: Prepared, latents: torch.Tensor, output_type: str):
         """Returns (images, nsfw flags or None)."""
         raise NotImplementedError
+
+    def encode_texts(self, pipe, texts: list[str]) -> torch.Tensor:
+        """The pipeline's own prompt embeddings of `texts` (no CFG, one image each): (len, L, C).
+
+        Run facts (`RunContext.text.encode`) for controls that encode text pieces of their own,
+        e.g. StructuredGuidance's noun phrases; the LoRA scale and clip skip of the call apply."""
+        clip_skip = getattr(pipe, "_clip_skip", None)
+        lora_scale = (getattr(pipe, "_cross_attention_kwargs", None) or {}).get("scale")
+        return pipe.encode_prompt(
+            prompt=texts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            clip_skip=clip_skip, lora_scale=lora_scale,
+        )[0]
