@@ -119,4 +119,4 @@ def active_chain(run: RunContext, layer_name: str) -> Chain:
     planned = run.plan.get(layer_name)
     if not planned:
         return []
-    return [(c, h) for c, h in planned if c.active(run.state)]
+    return [(c, h) for c, h in planned if c.attends(run)]

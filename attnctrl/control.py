@@ -66,10 +66,18 @@ class Control:
         return conv(lo), conv(hi)
 
     def active(self, state: StepState | None) -> bool:
+        """Whether step `state` is in this control's step window (`steps`). Not overridden: other
+        conditions for the attention hooks are `attends(run)`."""
         if state is None or self.steps is None:
             return True
         lo, hi = self.step_range(state.num_steps)
         return lo <= state.index < hi
+
+    def attends(self, run: RunContext) -> bool:
+        """Whether this control's attention hooks run on the current call (processors ask once per
+        layer call). Default: inside the step window. Overrides name their condition, e.g. "only in
+        the latent optimiser's gradient passes"."""
+        return self.active(run.state)
 
     def implements(self, hook: str) -> bool:
         """Whether this control overrides `hook` (so the processor must call it). Cached per class."""
