@@ -118,21 +118,21 @@ class Control:
         return None
 
     # ---- loop-level hooks -----------------------------------------------------------------------
-    def branches(self) -> Sequence[str]:
+    def branches(self, run: RunContext) -> Sequence[str]:
         return ()
 
     def branch_source(self, branch: str) -> str:
         return "cond"
 
-    def combine(self, preds: dict, state: StepState, guided: torch.Tensor) -> torch.Tensor:
+    def combine(self, run: RunContext, preds: dict, guided: torch.Tensor) -> torch.Tensor:
         return guided
 
     def before_step(
-        self, latents: torch.Tensor, state: StepState, denoise: Callable[[torch.Tensor], torch.Tensor]
+        self, run: RunContext, latents: torch.Tensor, denoise: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         return latents
 
-    def after_step(self, latents: torch.Tensor, state: StepState) -> None:
+    def after_step(self, run: RunContext, latents: torch.Tensor) -> None:
         return None
 
     # ---- lifetime -------------------------------------------------------------------------------
