@@ -240,6 +240,8 @@ class _Demo(Control):
         loose: no annotation.
     """
 
+    name = "demo"
+
     def __init__(
         self,
         layers=None,

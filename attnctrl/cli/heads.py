@@ -34,7 +34,7 @@ def add_heads_parser(sub, models: str) -> None:
             "HeadHunter (Ahn et al. 2025): score every candidate self-attention head alone by the mean "
             "scorer value of images generated with that head perturbed (SoftPAG), pick the best, then "
             "repeatedly add the best of the top-k remaining single heads while the score rises. Writes "
-            "{\"heads\": [[layer, head], ...], ...} for HeadPerturbation(heads=FILE) / --control perturbation heads=FILE."
+            "{\"heads\": [[layer, head], ...], ...} for HeadPerturbation(heads=FILE) / --control heads heads=FILE."
         ),
         epilog=(
             f"Built-in scorers (offline pixel-statistics proxies, not learned quality measures): "
@@ -72,10 +72,10 @@ def _cmd_heads_missing(args: argparse.Namespace) -> int:
 
 
 def _cmd_heads_search(args: argparse.Namespace) -> int:
-    from attnctrl.scorers import get_scorer
-    from attnctrl.pipelines.head_search import candidate_heads, search_heads
     from attnctrl.models.loading import model_key
     from attnctrl.models.tiny import TINY_MODELS
+    from attnctrl.pipelines.head_search import candidate_heads, search_heads
+    from attnctrl.scorers import get_scorer
     from attnctrl.selectors import Selector
 
     prompts = read_prompts(args.prompts)

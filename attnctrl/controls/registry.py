@@ -50,20 +50,12 @@ from .structured import StructuredGuidance
 
 __all__ = ["CONTROLS", "ControlArgError", "register", "parse_control", "parse_kwargs", "control_params", "control_name"]
 
-#: Controls by CLI name. Add a control here (or call `register`) to expose it in the CLI and app.
-CONTROLS: dict[str, type[Control]] = {
-    "maps": AttentionMaps,
-    "pag": PAG,
-    "heads": HeadPerturbation,
-    "attend-excite": AttendExcite,
-    "astar": AStar,
-    "conform": Conform,
-    "modulation": AttentionModulation,
-    "shared": SharedAttention,
-    "structured": StructuredGuidance,
-    "isolation": IsolationReposition,
-    "mutual": MutualSelfAttention,
-}
+_BUILT_IN: tuple[type[Control], ...] = (
+    AttentionMaps, PAG, HeadPerturbation, AttendExcite, AStar, Conform, AttentionModulation, SharedAttention,
+    StructuredGuidance, IsolationReposition, MutualSelfAttention,
+)
+#: Controls by their `Control.name` (the CLI and app name). Add a control here (or `register` it).
+CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in _BUILT_IN}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _INT = re.compile(r"^[+-]?\d+$")
@@ -79,7 +71,7 @@ class ControlArgError(ValueError):
 
 
 def register(name: str, cls: type[Control]) -> type[Control]:
-    """Expose `cls` as control `name` (lowercase, e.g. ``"astar"``) and return it.
+    """Expose `cls` as control `name` (its `Control.name`, lowercase, e.g. ``"astar"``) and return it.
 
     Registering another class under a taken name is an error; re-registering the same one is a no-op."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -88,6 +80,8 @@ def register(name: str, cls: type[Control]) -> type[Control]:
         raise TypeError(f"{cls!r} is not a Control subclass")
     if CONTROLS.get(name, cls) is not cls:
         raise ValueError(f"control name {name!r} is already registered for {CONTROLS[name].__name__}")
+    if cls.name != name:
+        raise ValueError(f"{cls.__name__}.name is {cls.name!r}: register it under that name (the registry is keyed by it)")
     CONTROLS[name] = cls
     return cls
 
@@ -95,8 +89,11 @@ def register(name: str, cls: type[Control]) -> type[Control]:
 def control_name(control: Control | type[Control]) -> str:
     """The registered CLI name of a control (instance or class)."""
     cls = control if isinstance(control, type) else type(control)
-    for name, c in CONTROLS.items():
-        if c is cls:
+    registered = CONTROLS.get(cls.name)
+    if registered is not None and issubclass(cls, registered):  # a variant a control builds of itself counts
+        return cls.name
+    for name, c in CONTROLS.items():  # a variant a control builds of itself (MutualSelfAttention's)
+        if issubclass(cls, c):
             return name
     raise KeyError(f"{cls.__name__} is not a registered control; known: {', '.join(CONTROLS)}")
 
@@ -114,7 +111,7 @@ class _Type:
 
     kind: str
     nullable: bool = False
-    items: tuple["_Type", ...] = ()
+    items: tuple[_Type, ...] = ()
     choices: tuple = ()
     label: str = ""
 
