@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from attnctrl.models.loading import model_key
 from attnctrl.controls.registry import (
     CONTROLS,
     ControlArgError,
     parse_control,
     parse_kwargs,
 )
+from attnctrl.models.loading import model_key
 
 __all__ = [
     "ModelCache",
@@ -175,17 +175,17 @@ def check_words(pipe, prompt: str, field_name: str, control: str, value: Any) ->
 
 def layer_rows(pipe, selector: str | None, height: int | None = None, width: int | None = None) -> list[list[str]]:
     """Rows (name, kind, place, block, resolution, heads) of the layers a selector picks (all if empty)."""
+    from attnctrl.layers import forward_order
     from attnctrl.selectors import select
 
     grid = pipe.default_grid(height, width)
-    order = {"down": 0, "mid": 1, "up": 2, "blocks": 3, "single": 4}
-    layers = sorted(pipe.layers(), key=lambda l: order.get(l.place, 9))
+    layers = forward_order(pipe.layers())
     sel = (selector or "").strip()
     if sel:
         parts = [p.strip() for p in sel.split(";")]
         picked = select(layers, parts[0] if len(parts) == 1 else parts, grid)
     else:
-        picked = [(l, None) for l in layers]
+        picked = [(layer, None) for layer in layers]
     rows = []
     for layer, heads in picked:
         h, w = layer.grid(grid)
@@ -200,11 +200,11 @@ def heatmap_tiles(maps, images: Sequence[Image.Image], size: int = 192, alpha: f
 
     tiles = []
     for i, picture in enumerate(images):
-        grey = ImageOps.grayscale(picture.convert("RGB")).convert("RGB").resize((size, size), Image.BICUBIC)
+        grey = ImageOps.grayscale(picture.convert("RGB")).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         for word, m in maps.words(i).items():
             a = m.float().numpy()
             a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-            heat = Image.fromarray(colorize(a)).resize((size, size), Image.BICUBIC)
+            heat = Image.fromarray(colorize(a)).resize((size, size), Image.Resampling.BICUBIC)
             caption = word if len(images) == 1 else f"image {i + 1}: {word}"
             tiles.append((Image.blend(grey, heat, alpha), caption))
     return tiles
@@ -241,9 +241,9 @@ class Request:
             raise ValueError(f"at most 8 images per run, got {self.num_images}")
         if self.guidance is None:
             raise ValueError("guidance scale is empty")
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value is not None and (float(value) != int(value) or int(value) < 8):
-                raise ValueError(f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {value!r}")
+        for name, pixels in (("height", self.height), ("width", self.width)):
+            if pixels is not None and (float(pixels) != int(pixels) or int(pixels) < 8):
+                raise ValueError(f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {pixels!r}")
         for name, _ in self.controls:
             if name not in CONTROLS:
                 raise ControlArgError(f"unknown control {name!r}; known controls: {', '.join(sorted(CONTROLS))}")

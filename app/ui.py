@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, TypedDict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
+from gradio.blocks import Block
+
 from attnctrl.app.runner import (
     ModelCache,
     Request,
@@ -60,14 +62,23 @@ def _many(updates: list):
     return updates[0] if len(updates) == 1 else updates
 
 
+class _CommonArgs(TypedDict):
+    """The keyword arguments every field's component takes."""
+
+    label: str
+    info: str | None
+    elem_id: str
+    interactive: bool
+
+
 def _widget(f: Field):
     """The Gradio component of one control parameter."""
-    common = {"label": f.label, "info": f.help or None, "elem_id": f.elem_id, "interactive": True}
+    common: _CommonArgs = {"label": f.label, "info": f.help or None, "elem_id": f.elem_id, "interactive": True}
     init = f.initial()
     if f.kind == "bool":
         return gr.Checkbox(value=init, **common)
     if f.kind == "choice":
-        return gr.Dropdown(choices=[(str(c), c) for c in f.choices], value=init, **common)
+        return gr.Dropdown(choices=[(str(c), c) for c in f.choices or ()], value=init, **common)
     if f.kind in ("int", "float"):
         rng = f.range
         step = 1 if f.kind == "int" else 0.01
@@ -192,7 +203,7 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                     n = len(pipe.layers())
                     grid = pipe.default_grid()
                 return f"Loaded **{model_key(name)}** ({pipe.family}, {n} attention layers, token grid {grid[0]}x{grid[1]})."
-            except Exception as err:  # noqa: BLE001 - every failure is shown in the page
+            except Exception as err:
                 return _error(err)
 
         load_btn.click(on_load, model_box, model_status)
@@ -202,13 +213,13 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                 with cache.use(name) as pipe:
                     rows = layer_rows(pipe, sel, int(h) if h else None, int(w) if w else None)
                 return f"{len(rows)} layer(s) match {sel.strip()!r}" if (sel or "").strip() else f"{len(rows)} layers", rows
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 return _error(err), None
 
         show_layers.click(on_layers, [model_box, selector, height, width], [layers_status, layers_table])
 
         # ---- generate -----------------------------------------------------------------------------
-        inputs = {model_box, prompt, negative, seed, steps, guidance, height, width, num_images, compare, runs}
+        inputs: set[Block] = {model_box, prompt, negative, seed, steps, guidance, height, width, num_images, compare, runs}
         for _, enable, fields in widgets:
             inputs.add(enable)
             inputs.update(fields)
@@ -228,7 +239,7 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                 )
                 progress((0, 1), desc="loading model")
                 res = run_request(req, cache, progress=lambda done, total, desc: progress((done, total), desc=desc))
-            except Exception as err:  # noqa: BLE001 - shown in the page; the app keeps serving
+            except Exception as err:
                 return f"Run {n} · {_error(err)}", n, None, None, None, "", "", ""
             names = ", ".join(n for n, _ in chosen) or "none (maps only)"
             text = (f"Run {n} · Done in {res.seconds:.1f} s · model **{res.model}** · seed {int(req.seed)} · "

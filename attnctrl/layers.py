@@ -7,6 +7,7 @@ Layer names are diffusers' module paths (the keys of ``denoiser.attn_processors`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch.nn as nn
 
@@ -57,16 +58,22 @@ def _module(denoiser: nn.Module, name: str) -> nn.Module:
     return denoiser.get_submodule(name)
 
 
+# `nn.Module.__getattr__` types every attribute it is not told about as ``Tensor | Module``: the
+# casts below name what diffusers' models and attention modules actually hold there.
+def _heads(attn: nn.Module) -> int:
+    return cast(int, attn.heads)
+
+
 def _unet_factors(unet: nn.Module) -> dict[str, int]:
     """Downsampling factor of every UNet block prefix, following the down/up samplers in order."""
     factors: dict[str, int] = {}
     f = 1
-    for i, block in enumerate(unet.down_blocks):
+    for i, block in enumerate(cast(nn.ModuleList, unet.down_blocks)):
         factors[f"down_blocks.{i}"] = f
         if getattr(block, "downsamplers", None):
             f *= 2
     factors["mid_block"] = f
-    for i, block in enumerate(unet.up_blocks):
+    for i, block in enumerate(cast(nn.ModuleList, unet.up_blocks)):
         factors[f"up_blocks.{i}"] = f
         if getattr(block, "upsamplers", None):
             f //= 2
@@ -82,7 +89,7 @@ def _unet_layer(unet: nn.Module, name: str, factors: dict[str, int]) -> LayerInf
         prefix = f"{seg[0]}.{seg[1]}"
     attn = _module(unet, name)
     cross = bool(getattr(attn, "is_cross_attention", seg[-1] == "attn2"))
-    return LayerInfo(name, "cross" if cross else "self", place, block, factors[prefix], attn.heads)
+    return LayerInfo(name, "cross" if cross else "self", place, block, factors[prefix], _heads(attn))
 
 
 def _transformer_layer(model: nn.Module, name: str) -> LayerInfo:
@@ -92,12 +99,13 @@ def _transformer_layer(model: nn.Module, name: str) -> LayerInfo:
     # SD3.5 dual-attention blocks have a second, image-only self-attention `attn2`;
     # FLUX single blocks attend over the concatenated [text, image] sequence (joint).
     kind = "self" if seg[-1] == "attn2" else "joint"
-    return LayerInfo(name, kind, place, int(seg[1]), 1, attn.heads)
+    return LayerInfo(name, kind, place, int(seg[1]), 1, _heads(attn))
 
 
 def list_layers(denoiser: nn.Module) -> list[LayerInfo]:
     """All attention layers of a UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel."""
-    names = [k[: -len(".processor")] for k in denoiser.attn_processors]
+    processors = cast("dict[str, object]", denoiser.attn_processors)  # a diffusers property
+    names = [k[: -len(".processor")] for k in processors]
     if hasattr(denoiser, "down_blocks"):
         factors = _unet_factors(denoiser)
         return [_unet_layer(denoiser, n, factors) for n in names]

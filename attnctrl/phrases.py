@@ -258,7 +258,7 @@ def rule_noun_phrases(prompt: str) -> list[Phrase]:
         start = i
         j = i
         has_det = False
-        while word(j) is not None and (word(j) in _DET or word(j) in _NUM or word(j).isdigit()):
+        while (wj := word(j)) is not None and (wj in _DET or wj in _NUM or wj.isdigit()):
             if word(j) in ("that", "this", "these", "those") and not content(j + 1) and word(j + 1) not in _ADV:
                 break  # pronoun use: "that is ..."
             has_det = True
@@ -269,7 +269,7 @@ def rule_noun_phrases(prompt: str) -> list[Phrase]:
             w = word(k)
             if w is None:
                 # a comma between two adjectives ("a big, fluffy dog") stays inside the phrase
-                if low[k] == "," and mods and mods[-1] == "adj" and word(k + 1) is not None and _is_adj(word(k + 1)):
+                if low[k] == "," and mods and mods[-1] == "adj" and (nw := word(k + 1)) is not None and _is_adj(nw):
                     k += 1
                     continue
                 if low[k] == "'" and word(k + 1) == "s" and mods and mods[-1] == "noun":  # possessive "man's"

@@ -25,8 +25,9 @@ Examples: ``"cross,res=16"``, ``"self,up,heads=0|1"``, ``"mid"``, ``"down_blocks
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Union
 
 from .layers import LayerInfo
 
@@ -72,11 +73,14 @@ class Selector:
     heads: frozenset[int] | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Selector":
+    def parse(cls, text: str) -> Selector:
         if not isinstance(text, str) or not text.strip():
             raise SelectorError(f"empty layer selector {text!r}")
         kw: dict = {"kinds": set(), "places": set(), "res": set(), "blocks": set(), "names": set()}
-        regexes, searches, paths, heads = [], [], [], None
+        regexes: list[re.Pattern] = []
+        searches: list[re.Pattern] = []
+        paths: list[tuple[str, ...]] = []
+        heads: frozenset[int] | None = None
         for term in (t.strip() for t in text.split(",")):
             if not term:
                 raise SelectorError(f"empty term in selector {text!r}")

@@ -61,7 +61,7 @@ class TokenRow(NamedTuple):
     (``"dog#2"`` for a repeated word; ``""`` for specials and punctuation) and whether the encoder's
     max length truncates it away."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index (public name, kept)
     token: str
     word: str
     truncated: bool = False
@@ -185,7 +185,8 @@ def _encode_by_alignment(tokenizer: Any, prompt: str) -> _Encoding:
 
     spans: list[tuple[int, int] | None] = [None] * len(ids)
     glue: list[int] = []  # whitespace-only pieces
-    cursor, pending = 0, []  # pending: tokens waiting for the next anchored token to bound them
+    cursor = 0
+    pending: list[int] = []  # tokens waiting for the next anchored token to bound them
     for k in range(len(ids)):
         if special[k]:
             continue
@@ -196,7 +197,7 @@ def _encode_by_alignment(tokenizer: Any, prompt: str) -> _Encoding:
         at = -1
         if t is not None:
             at = cursor if compact.startswith(t, cursor) else (compact.find(t, cursor) if pending else -1)
-        if at < 0:
+        if t is None or at < 0:  # (t is None implies at < 0; spelled out for the type checker)
             pending.append(k)
             continue
         for p in pending:
@@ -374,8 +375,7 @@ def format_table(tables: dict[str, list[TokenRow]]) -> str:
         cells = [("-" if r.truncated else str(r.index), r.token, r.word) for r in rows]
         head = ("#", "token", "word")
         w = [max(len(c[j]) for c in [head, *cells]) for j in range(3)]
-        fmt = lambda c: f"{c[0]:>{w[0]}}  {c[1]:<{w[1]}}  {c[2]:<{w[2]}}"  # noqa: E731
-        lines = [fmt(head), *(fmt(c) for c in cells)]
+        lines = [f"{c[0]:>{w[0]}}  {c[1]:<{w[1]}}  {c[2]:<{w[2]}}" for c in [head, *cells]]
         width = max(len(line) for line in [name, *lines])
         lines = [name.ljust(width), "-" * width] + [line.ljust(width) for line in lines]
         groups.append(lines)
@@ -436,7 +436,7 @@ def encoder_max_lengths(
     ``max_sequence_length`` (diffusers' defaults: 256 for SD3, 512 for FLUX)."""
     fam = _family(pipe, family)
     t5 = _t5_name(fam)
-    out = {}
+    out: dict[str, int | None] = {}
     for name, tok in encoder_tokenizers(pipe).items():
         if name == t5:
             out[name] = int(max_sequence_length or _T5_DEFAULT[fam])

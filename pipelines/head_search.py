@@ -225,7 +225,7 @@ class _Cache:
                 return dict(data["evaluations"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        warnings.warn(f"ignoring unreadable or foreign head-search cache {str(self.path)!r}; it will be rewritten")
+        warnings.warn(f"ignoring unreadable or foreign head-search cache {str(self.path)!r}; it will be rewritten", stacklevel=2)
         return {}
 
     def get(self, key: str) -> dict | None:
@@ -378,7 +378,7 @@ def search_heads(
             single = [(h, evaluate([h])) for h in cands]
             best, score = _argmax(single)
             chosen = [best]
-            history.append({"round": 0, "base": [], "tried": [{"head": [l, h], "score": s} for (l, h), s in single],
+            history.append({"round": 0, "base": [], "tried": [{"head": [layer, h], "score": s} for (layer, h), s in single],
                             "picked": list(best), "score": score})
             postfix.update(heads=1, best=f"{score:.4g}")
             ranking = [h for h, _ in sorted(single, key=lambda item: -item[1])]  # stable: ties keep model order
@@ -390,7 +390,7 @@ def search_heads(
                 h_best, s_best = _argmax(tried)
                 improved = s_best > score
                 history.append({"round": r, "base": [list(h) for h in chosen],
-                                "tried": [{"head": [l, h], "score": s} for (l, h), s in tried],
+                                "tried": [{"head": [layer, h], "score": s} for (layer, h), s in tried],
                                 "picked": list(h_best) if improved else None,
                                 "score": s_best if improved else score})
                 if not improved:

@@ -5,8 +5,9 @@ keeps its stock processor object, so it computes exactly what it computed before
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from typing import cast
 
 import torch.nn as nn
 
@@ -23,7 +24,9 @@ PROCESSORS = {"sd": UNetAttnProcessor, "sdxl": UNetAttnProcessor, "sd3": SD3Join
 def _set(module: nn.Module, processor) -> None:
     # direct assignment: `set_processor` may log or re-register modules; we only swap the callable
     if isinstance(module.processor, nn.Module) or isinstance(processor, nn.Module):
-        module.set_processor(processor)
+        # a method of diffusers' attention modules (`nn.Module` types unknown attributes as Tensor | Module)
+        set_processor = cast(Callable[[object], None], module.set_processor)
+        set_processor(processor)
     else:
         module.processor = processor
 

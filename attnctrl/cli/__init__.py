@@ -18,7 +18,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from attnctrl.reproduce import reproduce_argv
 

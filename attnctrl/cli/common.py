@@ -3,11 +3,12 @@ output files that appear only when everything was written."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from attnctrl.reproduce import PROG
 
@@ -114,8 +115,8 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def table(header: Sequence[str], rows: list[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
-    """A plain-text table: header, a rule, the rows; columns in `right` right-aligned."""
+def table(header: Sequence[object], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> list[str]:
+    """A plain-text table: header, a rule, the rows (cells written with `str`); columns in `right` right-aligned."""
     widths = [max(len(str(r[j])) for r in [header, *rows]) for j in range(len(header))]
 
     def fmt(r):
@@ -173,8 +174,6 @@ class Outputs:
 
     def discard(self) -> None:
         for tmp in self.temps:
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            except OSError:
-                pass
         self.temps = []

@@ -41,7 +41,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     pipe = common.load_model(args.model)
     grid = pipe.default_grid(args.height, args.width)
     layers = forward_order(pipe.layers())
-    picked = select(layers, args.select, grid) if args.select is not None else [(l, None) for l in layers]
+    picked = select(layers, args.select, grid) if args.select is not None else [(layer, None) for layer in layers]
     rows = []
     for layer, heads in picked:
         h, w = layer.grid(grid)

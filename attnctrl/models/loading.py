@@ -166,7 +166,8 @@ def family_of(pipe) -> str:
     of a family map to it. SD 2.x counts as ``"sd"`` and SD3.5 as ``"sd3"``. Raises
     :class:`UnsupportedModelError` for any other pipeline.
     """
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    # diffusers.models: mypy reads diffusers' top-level model names as its dummy classes
+    from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):

@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,6 +110,9 @@ def _clip(tokenizer, seed: int, projection: bool = False):
 def _t5(tokenizer, seed: int):
     from transformers import T5Config, T5EncoderModel
 
+    # PretrainedConfig keywords that transformers 5's dataclass signature of T5Config leaves out
+    # (its __post_init__ takes them)
+    config_kwargs: dict[str, Any] = {"decoder_start_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=_T5_DIM,
@@ -123,15 +127,15 @@ def _t5(tokenizer, seed: int):
         layer_norm_epsilon=1e-6,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **config_kwargs,
     )
     with _seeded(seed):
         return T5EncoderModel(config).eval()
 
 
 def _vae(seed: int, latent_channels: int, **config):
-    from diffusers import AutoencoderKL
+    # diffusers.models: mypy reads diffusers' top-level model names as its dummy classes
+    from diffusers.models import AutoencoderKL
 
     with _seeded(seed):
         return AutoencoderKL(
@@ -242,7 +246,9 @@ def _build_sdxl():
 
 
 def _build_sd3(v35: bool):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    # diffusers.models: mypy reads diffusers' top-level model names as its dummy classes
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers.models import SD3Transformer2DModel
 
     seed = 30 if v35 else 20
     tokenizer, t5 = clip_tokenizer(), t5_tokenizer()

@@ -124,7 +124,11 @@ def _neighbour_counts(labels: np.ndarray, k: int) -> np.ndarray:
     onehot = (labels[None] == np.arange(k)[:, None, None]).astype(np.int16)
     pad = np.pad(onehot, ((0, 0), (1, 1), (1, 1)))
     h, w = labels.shape
-    return sum(pad[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
+    counts = np.zeros((k, h, w), np.int16)
+    for dy in range(3):
+        for dx in range(3):
+            counts += pad[:, dy : dy + h, dx : dx + w]
+    return counts
 
 
 def _clean(labels: np.ndarray, k: int) -> np.ndarray:

@@ -124,7 +124,9 @@ def _scheduler():
 
 def build_untrained(seed: int = 0, tokenizer_folder: str | Path | None = None):
     """A randomly initialised Shapes ``StableDiffusionPipeline`` (fp32, CPU), the same for the same seed."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    # diffusers.models: mypy reads diffusers' top-level model names as its dummy classes
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = shapes_tokenizer(tokenizer_folder)

@@ -82,7 +82,7 @@ def train(
     out: str | Path,
     resume: bool = False,
     progress: bool = True,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     stop_after: int | None = None,
 ):
     """Run (or resume) training into ``out``; return ``(pipeline, losses)``.

@@ -60,7 +60,9 @@ class FluxAdapter(Adapter):
         c = pipe.scheduler.config
         mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                              c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+        # diffusers annotates `sigmas` as list[float], yet FluxPipeline passes this very array (set_timesteps
+        # takes any array-like); the adapter mirrors the pipeline
+        timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)  # type: ignore[arg-type]
         rows = len(prompts) * n
         guidance = None
         if pipe.transformer.config.guidance_embeds:

@@ -15,7 +15,7 @@ def default_size(pipe) -> tuple[int, int]:
 
 class SDAdapter(Adapter):
     family = "sd"
-    unsupported = ("ip_adapter_image", "ip_adapter_image_embeds", "callback", "callback_steps")
+    unsupported: tuple[str, ...] = ("ip_adapter_image", "ip_adapter_image_embeds", "callback", "callback_steps")
 
     def _timestep_cond(self, pipe, guidance_scale, n, latents):
         if pipe.unet.config.time_cond_proj_dim is None:
