@@ -5,12 +5,19 @@
     out = pipe("a red car and a white sheep", seed=0, controls=[ac.AttentionMaps()])
 """
 from .control import Control
-from .controls import PAG, AttentionMaps, HeadPerturbation
-from .controls import AStar, AttendExcite, Conform
-from .controls import AttentionModulation
-from .controls import StructuredGuidance
-from .controls import SharedAttention
-from .controls import IsolationReposition, MutualSelfAttention
+from .controls import (
+    PAG,
+    AStar,
+    AttendExcite,
+    AttentionMaps,
+    AttentionModulation,
+    Conform,
+    HeadPerturbation,
+    IsolationReposition,
+    MutualSelfAttention,
+    SharedAttention,
+    StructuredGuidance,
+)
 from .inversion import InversionResult, ddim_invert, invert_trajectory
 from .layers import LayerInfo
 from .maps import AttentionMapResult

@@ -1,7 +1,7 @@
 """Resolve each control's selector to layers and build the per-layer plan of a run (DESIGN rules 3, 4)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .control import HOOKS, Control
 from .layers import LayerInfo

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-
 from attnctrl.attention import AttentionCall, active_chain, attend
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext

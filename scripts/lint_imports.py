@@ -1,9 +1,5 @@
-"""Check the import contract in pyproject.toml (``[tool.importlinter]``) with import-linter.
-
-pyproject maps ``processors/``, ``pipelines/`` and ``app/`` into the package as
-``attnctrl.processors`` / ``.pipelines`` / ``.app`` (setuptools ``package-dir``). import-linter reads
-packages from the file system, so this lays the package out as it is installed (a copy in a
-temporary folder) and runs ``lint-imports`` on that. Exit status: lint-imports'.
+"""Check the import contract in pyproject.toml (``[tool.importlinter]``) with import-linter, on the
+package as installed (see `installed_layout`). Exit status: lint-imports'.
 
     python scripts/lint_imports.py
 """
@@ -13,22 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MAPPED = {"processors": "processors", "pipelines": "pipelines", "app": "app"}  # attnctrl.<name> ← <folder>
+from installed_layout import ROOT, installed_layout
 
 
 def main() -> int:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
-    with tempfile.TemporaryDirectory(prefix="attnctrl-imports-") as tmp:
-        package = Path(tmp) / "attnctrl"
-        shutil.copytree(ROOT / "attnctrl", package, ignore=ignore)
-        for name, folder in MAPPED.items():
-            shutil.copytree(ROOT / folder, package / name, ignore=ignore)
-        env = {**os.environ, "PYTHONPATH": tmp}
+    with installed_layout() as tmp:
         lint = shutil.which("lint-imports") or "lint-imports"
+        env = {**os.environ, "PYTHONPATH": str(tmp)}
         return subprocess.call([lint, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp, env=env)
 
 

@@ -97,3 +97,38 @@ def test_attach_step_state_matches_the_loop(tiny, name):
     ControlledPipeline(pipe)(PROMPT, seed=0, controls=[spy], **kw)
     assert attached == sorted(set(spy.seen))
     assert [s[0] for s in attached] == [0, 1, 2, 3]
+
+
+def test_the_run_carries_the_facts_controls_read(tiny):
+    """ControlledPipeline puts the text side, pixel size, denoiser, timesteps and the inversion on the
+    run, so controls need no pipeline; attach has no prompts, so words are refused with a clear error."""
+    seen = {}
+
+    class Probe(Control):
+        default_layers = "name=mid_block.attentions.0.transformer_blocks.0.attn2"
+
+        def begin(self, run):
+            seen.update(
+                prompts=[run.prompt_of(i) for i in range(run.layout.images)], car=run.tokens(2, "car"),
+                pixel=run.pixel_size, denoiser=run.denoiser, timesteps=list(run.timesteps), invert=run.invert,
+            )
+
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    prompts = ["a red car", "a blue car and a car"]
+    pipe(prompts, seed=0, controls=[Probe()], num_images_per_prompt=2, **call_kwargs("tiny-sd"))
+    assert seen["prompts"] == [prompts[0], prompts[0], prompts[1], prompts[1]]  # prompt-major
+    assert seen["car"] == [3]  # <bos> a blue car
+    assert seen["pixel"] == (64, 64) and seen["denoiser"] is pipe.pipe.unet
+    assert seen["timesteps"] == [float(t) for t in pipe.pipe.scheduler.timesteps] and callable(seen["invert"])
+
+    class Words(Control):
+        default_layers = "cross"
+
+        def begin(self, run):
+            run.tokens(0, "car")
+
+        def qkv(self, call):
+            return None
+
+    with pytest.raises(ValueError, match="ControlledPipeline"), ac.attach(tiny("tiny-sd"), [Words()]):
+        pass
