@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import TextEncoders
 
 # anchor colours of a perceptual "inferno"-like colormap, low → high
 _CMAP = np.array(
@@ -37,13 +41,17 @@ class AttentionMapResult:
 
     At every pixel, the values over the text tokens sum to 1 (a distribution over the prompt's
     tokens, BOS/EOS/padding included). Words are looked up with `attnctrl.tokens`, so
-    ``result.word(0, "sheep")`` is the map of the word "sheep" in image 0's prompt.
+    ``result.word(0, "sheep")`` is the map of the word "sheep" in image 0's prompt: `text` is the
+    run's `attnctrl.state.TextEncoders` (its tokenizers and T5 length), `family` the model family.
     """
 
-    def __init__(self, by_res: dict, prompts: Sequence[str] = (), pipeline=None):
+    def __init__(
+        self, by_res: dict, prompts: Sequence[str] = (), text: TextEncoders | None = None, family: str | None = None
+    ):
         self.by_res = dict(sorted(by_res.items()))
         self.prompts = list(prompts)
-        self._pipeline = pipeline
+        self._text = text
+        self._family = family
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -78,12 +86,12 @@ class AttentionMapResult:
             return [word] if isinstance(word, int) else list(word)
         from .tokens import joint_text_indices
 
-        pipe = self._pipeline
-        if pipe is None:
-            raise ValueError("this result has no pipeline to resolve words with; pass token indices")
-        n_text = next(iter(self.by_res.values())).shape[1]
-        t5_len = {"sd3": n_text - 77, "flux": n_text}.get(pipe.family)
-        return joint_text_indices(pipe.pipe, self.prompt_of(image), word, pipe.family, max_sequence_length=t5_len)
+        text = self._text
+        if text is None or self._family is None:
+            raise ValueError("this result has no tokenizers to resolve words with; pass token indices")
+        return joint_text_indices(
+            text, self.prompt_of(image), word, self._family, max_sequence_length=text.max_sequence_length
+        )
 
     def word(self, image: int, word, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Map (H, W) of a word: the sum of its tokens' maps."""

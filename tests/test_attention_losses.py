@@ -11,6 +11,7 @@ from attnctrl.controls.attention_loss import eot_index, pads_apart
 from attnctrl.controls.registry import parse_control
 from attnctrl.pipelines import ControlledPipeline
 from attnctrl.plan import build_plan
+from attnctrl.state import BatchLayout, RunContext, StepState
 from attnctrl.tokens import TokenError, resolve
 from conftest import call_kwargs, stock_latents
 
@@ -194,9 +195,9 @@ def test_each_update_is_z_minus_alpha_grad_of_the_equation_and_descends(tiny, ca
     control, trace = make(), []
     run_step = control.before_step
 
-    def capture(latents, state, denoise):
-        out = run_step(latents, state, denoise)
-        trace.append((state.index, latents.detach().clone(), out.detach().clone()))
+    def capture(run, latents, denoise):
+        out = run_step(run, latents, denoise)
+        trace.append((run.state.index, latents.detach().clone(), out.detach().clone()))
         return out
 
     control.before_step = capture
@@ -277,9 +278,9 @@ def test_sd2_maps_are_renormalised_over_the_prompt_tokens_only(tiny, forced):
     seen = []
 
     class Spy(ac.AStar):
-        def subject_maps(self, maps, image):
-            out = super().subject_maps(maps, image)
-            seen.append((self._run["normalize_eot"], maps[image].detach().clone(), out.detach().clone()))
+        def subject_maps(self, run, maps, image):
+            out = super().subject_maps(run, maps, image)
+            seen.append((run.store[self]["normalize_eot"], maps[image].detach().clone(), out.detach().clone()))
             return out
 
     prompt = "a red car and a white sheep"  # BOS a red car and a white sheep EOT: car 3, sheep 7, EOT 8
@@ -300,9 +301,9 @@ def test_sd1_tokenizer_keeps_the_reference_normalisation(tiny):
     seen = []
 
     class Spy(ac.AStar):
-        def subject_maps(self, maps, image):
-            seen.append(self._run["normalize_eot"])
-            return super().subject_maps(maps, image)
+        def subject_maps(self, run, maps, image):
+            seen.append(run.store[self]["normalize_eot"])
+            return super().subject_maps(run, maps, image)
 
     ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[Spy(tokens=["car", "sheep"])], **call_kwargs("tiny-sd", num_inference_steps=1))
     assert seen and not any(seen)  # as diffusers' A&E pipeline (the parity test above)
@@ -314,6 +315,11 @@ def test_normalize_eot_refuses_indices_past_the_prompt(tiny):
         ControlledPipeline(sd2)(PROMPTS[1], seed=0, controls=[ac.AStar(tokens=[3, 8])], **call_kwargs("tiny-sd"))
 
 
+def _run_at(state=None) -> RunContext:
+    """A bare run at step `state`, for calling a loss on hand-made maps."""
+    return RunContext(family="sd", layout=BatchLayout.build(1, False), grid=(2, 2), state=state)
+
+
 def test_conform_previous_maps_are_positives_of_their_own_group():
     """Groups [red, car] and [sheep]; the previous step's maps join their own group as positives."""
     from pytorch_metric_learning.losses import NTXentLoss
@@ -323,11 +329,11 @@ def test_conform_previous_maps_are_positives_of_their_own_group():
     prev = current.clone()
 
     class WithPrevious(ac.Conform):
-        def previous_maps(self, image):
+        def previous_maps(self, run, image):
             return prev
 
     c = WithPrevious(groups=[["red", "car"], ["sheep"]], temperature=0.5)
-    loss = c.image_loss(current, 0, None).item()
+    loss = c.image_loss(_run_at(), current, 0).item()
     # cosines are 1 within a group and 0 across, so s/τ = 2 or 0. Group 0 = {red, car, red', car'}:
     # 12 ordered positive pairs, each against 2 negatives (sheep, sheep'): −log(e²/(e² + 2)).
     # Group 1 = {sheep, sheep'}: 2 pairs, each against 4 negatives: −log(e²/(e² + 4)). Mean of 14.
@@ -340,7 +346,7 @@ def test_conform_previous_maps_are_positives_of_their_own_group():
     as_negatives = NTXentLoss(temperature=0.5)(emb, torch.tensor([0, 0, 1, 2, 2, 3])).item()
     assert abs(loss - as_negatives) > 1e-2
     # without previous maps: group 0 only, 2 pairs against 1 negative: −log(e²/(e² + 1))
-    alone = ac.Conform(groups=[["red", "car"], ["sheep"]], previous=False).image_loss(current, 0, None).item()
+    alone = ac.Conform(groups=[["red", "car"], ["sheep"]], previous=False).image_loss(_run_at(), current, 0).item()
     assert alone == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
 
 
@@ -359,19 +365,18 @@ def test_conform_defaults_follow_the_authors_notebook():
 
 def test_astar_loss_is_eq2_plus_eq3_against_the_previous_steps_masks():
     """AStar.image_loss on hand-made 2×2 maps: L = w_seg·Eq.2(current) + w_ret·Eq.3(current, B(previous))."""
-    from attnctrl.state import StepState
-
     current = torch.tensor([[[0.6, 0.2], [0.0, 0.2]], [[0.1, 0.3], [0.4, 0.2]]])  # car, sheep
     previous = torch.tensor([[[0.1, 0.9], [0.0, 0.0]], [[0.0, 0.0], [0.3, 0.2]]])
     # B (≥ half the peak): car [[0,1],[0,0]] (peak .9), sheep [[0,0],[1,1]] (peak .3) — not the
     # current maps' own masks ([[1,0],[0,0]] and [[0,1],[1,1]]), so a mask taken from the wrong maps shows
 
     class WithPrevious(ac.AStar):
-        def previous_maps(self, image):
+        def previous_maps(self, run, image):
             return previous
 
     def loss(index, **kw):
-        return WithPrevious(tokens=["car", "sheep"], **kw).image_loss(current, 0, StepState(index, 500.0, 10)).item()
+        run = _run_at(StepState(index, 500.0, 10))
+        return WithPrevious(tokens=["car", "sheep"], **kw).image_loss(run, current, 0).item()
 
     # Eq. 2: Σmin(car, sheep) = .1+.2+0+.2 = .5, Σ(car+sheep) = 2 → .25
     # Eq. 3: car 1 − .2/(1 + 1) = .9; sheep 1 − (.4+.2)/(1 + 2) = .8; Σ = 1.7
@@ -402,14 +407,32 @@ def test_retention_compares_with_the_previous_step_and_runs_the_whole_trajectory
     seen = []
 
     class Spy(ac.AStar):
-        def image_loss(self, maps, image, state):
-            seen.append((state.index, self.previous_maps(image) is not None))
-            return super().image_loss(maps, image, state)
+        def image_loss(self, run, maps, image):
+            seen.append((run.state.index, self.previous_maps(run, image) is not None))
+            return super().image_loss(run, maps, image)
 
     spy = Spy(tokens=["car", "sheep"], segregation=0.0, steps=(0, 0.5))
     ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[spy], **call_kwargs("tiny-sd", num_inference_steps=4))
     # step 0 only measures (nothing to retain yet); steps 1..3 each update once against the previous maps
     assert seen == [(0, False), (1, True), (2, True), (3, True)]
+
+
+def test_one_control_serves_runs_in_a_row_as_fresh_ones(tiny):
+    """Per-run state (subjects, summed maps, the previous step's maps) lives on the run: an AStar
+    used for a second run with other prompts and another batch gives what a fresh one gives, and
+    the control object is left as it was."""
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    kw = call_kwargs("tiny-sd")
+    second = ["a white sheep behind a red car", PROMPTS[1]]  # "car", "sheep" at other token positions
+    make = lambda: ac.AStar(tokens=["car", "sheep"])
+    reused = make()
+    before = dict(vars(reused))
+    first = pipe(PROMPTS[1], seed=0, controls=[reused], **kw).images
+    again = pipe(second, seed=0, controls=[reused], **kw).images
+    assert vars(reused).keys() == before.keys() and all(vars(reused)[k] is v for k, v in before.items())
+    assert torch.equal(first, pipe(PROMPTS[1], seed=0, controls=[make()], **kw).images)
+    assert torch.equal(again, pipe(second, seed=0, controls=[make()], **kw).images)
+    assert (again - stock_latents(pipe.pipe, second, **kw)).abs().max().item() > 1e-3  # the control acts
 
 
 def test_maps_only_at_the_chosen_resolution(tiny):

@@ -15,15 +15,16 @@ class PushToken(ac.Control):
     def __init__(self, step_size):
         super().__init__()
         self.step_size = step_size
+        self.grads = []  # what the test reads back: one gradient per update
 
     def begin(self, run):
-        self.grads, self.maps = [], []
+        run.store[self] = []  # this run's maps of the current gradient pass
 
     def needs_probs(self, call):
         return torch.is_grad_enabled()  # only while optimising: the main pass stays on SDPA
 
     def probs(self, call, p):
-        self.maps.append(p[call.run.layout.rows("cond"), :, call.q_image, 2].mean(1))
+        call.run.store[self].append(p[call.run.layout.rows("cond"), :, call.q_image, 2].mean(1))
         return p
 
     def before_step(self, run, latents, denoise):
@@ -31,9 +32,10 @@ class PushToken(ac.Control):
             return latents
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
-            self.maps.clear()
+            maps = run.store[self]
+            maps.clear()
             denoise(x)
-            loss = 1 - torch.stack([m.max() for m in self.maps]).mean()
+            loss = 1 - torch.stack([m.max() for m in maps]).mean()
             (grad,) = torch.autograd.grad(loss, x)
         self.grads.append(grad)
         return (x - self.step_size * grad).detach()

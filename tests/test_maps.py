@@ -32,8 +32,8 @@ def test_maps_are_distributions_over_text_per_image(tiny, name):
 class SizeProbe(ac.AttentionMaps):
     """AttentionMaps that records how many numbers its running sums hold after every layer call."""
 
-    def begin(self, run):
-        super().begin(run)
+    def __init__(self):
+        super().__init__()
         self.sizes = []
 
     def probs(self, call, p):

@@ -14,7 +14,7 @@ from attnctrl.controls.registry import (
     parse_control,
 )
 from attnctrl.pipelines import ControlledPipeline
-from attnctrl.state import StepState
+from attnctrl.state import BatchLayout, RunContext, StepState
 from attnctrl.tokens import TokenError, joint_text_indices
 from conftest import call_kwargs, processors_of, stock_latents
 
@@ -29,6 +29,11 @@ def run(tiny, name, controls, prompt=PROMPT, **extra):
 
 def diff(a, b) -> float:
     return (a - b).abs().max().item()
+
+
+def at(index: int, num_steps: int) -> RunContext:
+    """A bare run at step `index` of `num_steps` (for asking `attends`)."""
+    return RunContext(family="sd", layout=BatchLayout.build(1, True), grid=(0, 0), state=StepState(index, 0.0, num_steps))
 
 
 # ---------------------------------------------------------------------------------- neutral
@@ -59,7 +64,7 @@ def test_neutral_runs_no_hook(tiny, monkeypatch):
 
     monkeypatch.setattr(unet, "attend", forbidden)
     for c in [ac.AttentionModulation(), ac.AttentionModulation(groups=GROUPS, mask=False), ac.AttentionModulation("sheep")]:
-        assert not any(c.active(StepState(i, 0.0, 3)) for i in range(3))
+        assert not any(c.attends(at(i, 3)) for i in range(3))
         run(tiny, "tiny-sd", [c])
 
 
@@ -97,7 +102,8 @@ def test_phases_split_the_weights(tiny):
     early = ac.AttentionModulation(groups=GROUPS, mask=False, entity_weight=(3.0, 1.0), phase_split=2)
     assert [early.phase(i, 4).entity_weight for i in range(4)] == [3.0, 3.0, 1.0, 1.0]
     late = ac.AttentionModulation(groups=GROUPS, mask=False, entity_weight=(1.0, 3.0), phase_split=0.5)
-    assert [late.active(StepState(i, 0.0, 4)) for i in range(4)] == [False, False, True, True]
+    assert [late.attends(at(i, 4)) for i in range(4)] == [False, False, True, True]
+    assert all(late.active(StepState(i, 0.0, 4)) for i in range(4))  # `steps` (the window) is not what decides
     a, b = run(tiny, "tiny-sd", [early], **kw), run(tiny, "tiny-sd", [late], **kw)
     assert diff(a, b) > 1e-4
 
@@ -311,6 +317,20 @@ def test_bad_words_fail_before_any_step(tiny, groups, error, message):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ac.AttentionModulation(**kwargs)
+
+
+def test_one_control_serves_runs_in_a_row_as_fresh_ones(tiny):
+    """The resolved groups and the phases are the run's: a second run with other prompts (the
+    groups' tokens elsewhere) equals a fresh control's, and the control object is left as it was."""
+    make = lambda: ac.AttentionModulation(GROUPS, temperature=0.7, entity_weight=(2.0, 1.0))
+    reused = make()
+    before = dict(vars(reused))
+    second = ["a white sheep behind a red car", PROMPT]
+    first = run(tiny, "tiny-sd", [reused])
+    again = run(tiny, "tiny-sd", [reused], prompt=second, num_inference_steps=4)
+    assert vars(reused).keys() == before.keys() and all(vars(reused)[k] is v for k, v in before.items())
+    assert torch.equal(first, run(tiny, "tiny-sd", [make()]))
+    assert torch.equal(again, run(tiny, "tiny-sd", [make()], prompt=second, num_inference_steps=4))
 
 
 def test_groups_need_the_prompt_under_attach(tiny):

@@ -235,6 +235,23 @@ def test_composes_with_attention_maps(tiny):
     assert both.maps is not None and len(both.maps.by_res) > 0
 
 
+@pytest.mark.parametrize("conjunction", [False, True])
+def test_one_control_serves_runs_in_a_row_as_fresh_ones(tiny, conjunction):
+    """The phrases, their aligned values and the per-layer projections are the run's: a second run
+    with other prompts and another batch equals a fresh control's, and the control is left as it was."""
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    kw = call_kwargs("tiny-sd", num_inference_steps=2)
+    make = lambda: ac.StructuredGuidance(backend="rules", conjunction=conjunction)
+    reused = make()
+    before = dict(vars(reused))
+    first = pipe(PROMPT, seed=0, controls=[reused], **kw).images
+    again = pipe(PROMPTS, seed=0, controls=[reused], num_images_per_prompt=2, **kw).images
+    assert vars(reused).keys() == before.keys() and all(vars(reused)[k] is v for k, v in before.items())
+    assert torch.equal(first, pipe(PROMPT, seed=0, controls=[make()], **kw).images)
+    assert torch.equal(again, pipe(PROMPTS, seed=0, controls=[make()], num_images_per_prompt=2, **kw).images)
+    assert (again - stock_latents(pipe.pipe, PROMPTS, num_images_per_prompt=2, **kw)).abs().max().item() > 1e-3
+
+
 def test_cli_parsing():
     assert CONTROLS["structured"] is ac.StructuredGuidance
     c = parse_control("structured", ["phrases=a red car,a white sheep", "backend=rules", "conjunction=true"])
@@ -246,10 +263,10 @@ def test_cli_parsing():
 class StepSpy(Control):
     def __init__(self):
         super().__init__()
-        self.steps_seen = 0
+        self.seen: list[int] = []
 
     def after_step(self, run, latents):
-        self.steps_seen += 1
+        self.seen.append(run.state.index)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
@@ -259,7 +276,7 @@ def test_joint_attention_models_refused_before_any_step(tiny, name):
     spy = StepSpy()
     with pytest.raises(NotImplementedError, match="joint attention"):
         ControlledPipeline(pipe)(PROMPT, seed=0, controls=[spy, ac.StructuredGuidance(["a red car"])], **call_kwargs(name))
-    assert spy.steps_seen == 0
+    assert spy.seen == []
     assert processors_of(pipe) == before
 
 
@@ -277,7 +294,7 @@ def test_bad_input_before_any_step(tiny, kwargs, prompt, error, message):
     spy = StepSpy()
     with pytest.raises(error, match=message):
         ControlledPipeline(pipe)(prompt, seed=0, controls=[spy, ac.StructuredGuidance(**kwargs)], **call_kwargs("tiny-sd"))
-    assert spy.steps_seen == 0 and processors_of(pipe) == before
+    assert spy.seen == [] and processors_of(pipe) == before
 
 
 @pytest.mark.parametrize("kwargs, message", [({"phrases": [""]}, "non-empty"), ({"backend": "nltk"}, "backend"), ({"min_words": 0}, "min_words")])

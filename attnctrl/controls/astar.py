@@ -103,12 +103,12 @@ class AStar(AttentionLossControl):
         return bool(self.tokens) and (self.segregation > 0 or self.retention > 0)
 
     def _segregating(self, state) -> bool:
-        return self.segregation > 0 and len(self.tokens) > 1 and Control.active(self, state)
+        return self.segregation > 0 and len(self.tokens) > 1 and self.active(state)
 
     def _retaining(self, state) -> bool:
         if self.retention <= 0 or state.index == 0:
             return False
-        return Control.active(_Window(self.retention_steps), state)
+        return _Window(self.retention_steps).active(state)
 
     def wants_update(self, state) -> bool:
         return self._segregating(state) or self._retaining(state)
@@ -117,11 +117,12 @@ class AStar(AttentionLossControl):
         nxt = StepState(state.index + 1, state.timestep, state.num_steps)
         return nxt.index < state.num_steps and self._retaining(nxt)
 
-    def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
+    def image_loss(self, run, maps: torch.Tensor, image: int) -> torch.Tensor:
+        state = run.state
         loss = maps.sum() * 0.0
         if self._segregating(state):
             loss = loss + self.segregation * segregation_loss(maps, self.reduction)
-        previous = self.previous_maps(image)
+        previous = self.previous_maps(run, image)
         if previous is not None and self._retaining(state):
             masks = binarize(previous, self.threshold)
             loss = loss + self.retention * retention_loss(maps, masks, form=self.retention_form, reduction=self.reduction)

@@ -9,10 +9,13 @@ AttendExcite, AStar and Conform differ only in their loss. This base class
   32×32 for SDXL at 1024 px, as the reference's ``attn_res = ceil(width / 32)``) and plans
   only the cross-attention layers at it;
 * computes explicit probabilities there **only while gradients are on** (the optimisation
-  passes, conditional rows only); the main denoising pass stays on SDPA;
+  passes, conditional rows only: `attends(run)`); the main denoising pass stays on SDPA;
 * averages the maps over those layers and heads per image and hands each image's subject maps
   to the subclass's `image_loss`;
 * runs `attnctrl.optimizer.LatentOptimizer` in `before_step`.
+
+What one run needs (the resolved subjects, the maps being summed, the previous step's maps) is
+``run.store[self]``, set in `begin`; the control object holds only its configuration.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from attnctrl.control import Control
 from attnctrl.losses import smooth, token_maps
 from attnctrl.optimizer import LatentOptimizer
+from attnctrl.state import RunContext
 from attnctrl.tokens import resolve
 
 FAMILIES = ("sd", "sdxl")
@@ -77,7 +81,10 @@ class AttentionLossControl(Control):
     """Base of controls that optimise the latents against a loss on cross-attention maps.
 
     Subclasses define `subject_specs()` (the token specs whose maps the loss reads, in order) and
-    `image_loss(maps, image, state)` on the (S, H, W) subject maps of one image.
+    `image_loss(run, maps, image)` on the (S, H, W) subject maps of one image at step ``run.state``.
+
+    Attention hooks: only in the optimiser's gradient passes (`attends`), never in the main
+    denoising pass; `steps` is the window of the latent updates (`wants_update`).
     """
 
     default_layers = "cross"
@@ -111,13 +118,13 @@ class AttentionLossControl(Control):
         self.kernel_size = kernel_size
         self.sigma = sigma
         self.normalize_eot = None if normalize_eot is None else bool(normalize_eot)
-        self._run: dict | None = None
 
     # ---- what subclasses define --------------------------------------------------------------
     def subject_specs(self) -> list:
         raise NotImplementedError
 
-    def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
+    def image_loss(self, run: RunContext, maps: torch.Tensor, image: int) -> torch.Tensor:
+        """The loss of image `image`'s (S, H, W) subject maps at step ``run.state``."""
         raise NotImplementedError
 
     def prompt_specs(self, index: int, prompt: str) -> list:
@@ -130,11 +137,12 @@ class AttentionLossControl(Control):
 
     def wants_update(self, state) -> bool:
         """Whether step `state` takes a regular latent update (default: inside `steps`)."""
-        return Control.active(self, state)
+        return self.active(state)
 
-    def active(self, state) -> bool:
-        # the attention hook works only in the optimiser's gradient passes; the main pass is stock
-        return self._run is not None and torch.is_grad_enabled()
+    def attends(self, run: RunContext) -> bool:
+        """Only in the optimiser's gradient passes (of a run with subjects): the main denoising
+        pass is stock, and a pass that only measures the maps may fall outside `steps`."""
+        return run.store.get(self) is not None and torch.is_grad_enabled()
 
     # ---- layers ------------------------------------------------------------------------------
     def narrow_layers(self, picked: list, grid: tuple[int, int]) -> list:
@@ -154,18 +162,20 @@ class AttentionLossControl(Control):
         return [(layer, heads) for layer, heads in cross if layer.resolution(grid) == res]
 
     # ---- run lifetime ------------------------------------------------------------------------
-    def begin(self, run) -> None:
+    def begin(self, run: RunContext) -> None:
+        run.store[self] = None
         if not self.enabled():
-            self._run = None
             return
         if run.family not in FAMILIES:
             raise NotImplementedError(self._joint_message(run.family))
-        tokenizer = run.store["pipeline"].pipe.tokenizer
+        tokenizer = run.needs_text(type(self).__name__).tokenizer
         per_prompt = [[resolve(tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)]
         eot = pads_apart(tokenizer) if self.normalize_eot is None else self.normalize_eot
         ends = [eot_index(tokenizer, p) if eot else None for p in run.prompts]
         for n, (subjects, end) in enumerate(zip(per_prompt, ends)):
-            bad = [i for idx in subjects for i in idx if end is not None and not 1 <= i < end]
+            if end is None:
+                continue
+            bad = [i for idx in subjects for i in idx if not 1 <= i < end]
             if bad:
                 raise ValueError(
                     f"{type(self).__name__}: token indices {bad} of prompt {n} are not among its word tokens "
@@ -173,7 +183,7 @@ class AttentionLossControl(Control):
                 )
         images = run.layout.images
         pick = lambda per: [per[b * len(per) // images] for b in range(images)]
-        self._run = {
+        run.store[self] = {
             "subjects": pick(per_prompt), "ends": pick(ends), "normalize_eot": eot,
             "sum": None, "count": 0, "grid": None, "last": None, "previous": None,
         }
@@ -184,15 +194,15 @@ class AttentionLossControl(Control):
             f"{family} pipelines use joint attention, which it does not support yet"
         )
 
-    def end(self, run) -> None:
-        self._run = None
+    def end(self, run: RunContext) -> None:
+        run.store.pop(self, None)
 
     # ---- attention hooks -----------------------------------------------------------------------
     def needs_probs(self, call) -> bool:
-        return self._run is not None and torch.is_grad_enabled()
+        return call.run.store.get(self) is not None and torch.is_grad_enabled()
 
     def probs(self, call, p: torch.Tensor) -> torch.Tensor:
-        acc = self._run
+        acc = call.run.store.get(self)
         if acc is None or not torch.is_grad_enabled():
             return p
         rows = p[call.run.layout.rows("cond")]
@@ -205,41 +215,40 @@ class AttentionLossControl(Control):
         return p
 
     # ---- the optimisation ----------------------------------------------------------------------
-    def _maps(self) -> torch.Tensor:
+    def _maps(self, acc: dict) -> torch.Tensor:
         """(B, H, W, T) maps averaged over the planned layers and heads since the last reset."""
-        acc = self._run
         if acc["sum"] is None:
             raise RuntimeError(f"{type(self).__name__}: no cross-attention maps were collected during the pass")
         h, w = acc["grid"]
         maps = acc["sum"] / acc["count"]
         return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
 
-    def subject_maps(self, maps: torch.Tensor, image: int) -> torch.Tensor:
+    def subject_maps(self, run: RunContext, maps: torch.Tensor, image: int) -> torch.Tensor:
         """(S, H, W) preprocessed maps of image `image`'s subjects (softmax over text, smoothing)."""
-        acc = self._run
+        acc = run.store[self]
         subj = token_maps(maps[image], acc["subjects"][image], softmax_scale=self.softmax_scale, last=acc["ends"][image])
         return smooth(subj, self.kernel_size, self.sigma) if self.smoothing else subj
 
-    def _losses(self, z: torch.Tensor, denoise, state) -> torch.Tensor:
-        acc = self._run
+    def _losses(self, run: RunContext, z: torch.Tensor, denoise) -> torch.Tensor:
+        acc = run.store[self]
         acc["sum"], acc["count"] = None, 0
         denoise(z)
-        maps = self._maps()
+        maps = self._maps(acc)
         acc["sum"] = None
         per_image, last = [], []
         for b in range(maps.shape[0]):
-            subj = self.subject_maps(maps, b)
+            subj = self.subject_maps(run, maps, b)
             last.append(subj.detach())
-            per_image.append(self.image_loss(subj, b, state))
+            per_image.append(self.image_loss(run, subj, b))
         acc["last"] = last
         return torch.stack(per_image)
 
-    def before_step(self, latents: torch.Tensor, state, denoise) -> torch.Tensor:
-        acc = self._run
-        if acc is None:
+    def before_step(self, run: RunContext, latents: torch.Tensor, denoise) -> torch.Tensor:
+        acc, state = run.store.get(self), run.state
+        if acc is None or state is None:  # no subjects this run (the loop always sets the step)
             return latents
         acc["previous"], acc["last"] = acc["last"], None
-        loss_fn = lambda z: self._losses(z, denoise, state)
+        loss_fn = lambda z: self._losses(run, z, denoise)
         out = self.optimizer.run(latents, state.index, state.num_steps, loss_fn, self.wants_update(state))
         if acc["last"] is None and self.measures(state):
             with torch.enable_grad():  # explicit maps are only computed in gradient passes
@@ -250,9 +259,10 @@ class AttentionLossControl(Control):
         """Whether to measure the maps at a step without an update (for the next step's loss)."""
         return False
 
-    def previous_maps(self, image: int) -> torch.Tensor | None:
+    def previous_maps(self, run: RunContext, image: int) -> torch.Tensor | None:
         """Detached subject maps of `image` from the last measurement of the previous step (or None)."""
-        prev = self._run["previous"] if self._run else None
+        acc = run.store.get(self)
+        prev = acc["previous"] if acc else None
         return None if prev is None else prev[image]
 
 

@@ -125,27 +125,27 @@ class Conform(AttentionLossControl):
 
     def begin(self, run) -> None:
         super().begin(run)
-        if self._run is None:
+        if run.store[self] is None:
             return
-        for subjects in self._run["subjects"]:
+        for subjects in run.store[self]["subjects"]:
             owner: dict[int, int] = {}
             for idx, label in zip(subjects, self._labels):
                 for i in idx:
                     if owner.setdefault(i, label) != label:
                         raise ValueError(f"Conform: token {i} belongs to groups {owner[i]} and {label}; groups must not overlap")
 
-    def subject_maps(self, maps: torch.Tensor, image: int) -> torch.Tensor:
+    def subject_maps(self, run, maps: torch.Tensor, image: int) -> torch.Tensor:
         """The reference's per-token preprocessing; with `softmax_normalize_attention_maps`, each
         (smoothed) map is also renormalised over its pixels: ``softmax(100 · map)``."""
-        subj = super().subject_maps(maps, image)
+        subj = super().subject_maps(run, maps, image)
         if not self.softmax_normalize_attention_maps:
             return subj
         return (subj.flatten(1) * 100.0).softmax(dim=-1).view_as(subj)
 
-    def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
+    def image_loss(self, run, maps: torch.Tensor, image: int) -> torch.Tensor:
         labels = list(self._labels)
         embeddings = [m.flatten() for m in maps]
-        previous = self.previous_maps(image) if self.previous else None
+        previous = self.previous_maps(run, image) if self.previous else None
         if previous is not None:
             embeddings += [m.flatten() for m in previous]
             labels += self._labels  # the previous maps are positives of their own group

@@ -63,5 +63,5 @@ class AttendExcite(AttentionLossControl):
     def subject_specs(self) -> list:
         return self.tokens
 
-    def image_loss(self, maps: torch.Tensor, image: int, state) -> torch.Tensor:
+    def image_loss(self, run, maps: torch.Tensor, image: int) -> torch.Tensor:
         return excite_loss(maps)

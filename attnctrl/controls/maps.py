@@ -8,7 +8,7 @@ the joint softmax is renormalised over the text tokens, so every map is a distri
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ class AttentionMaps(Control):
         means = {}
         for (h, w), (total, count) in run.store.get(self, {}).items():
             means[(h, w)] = (total / count).reshape(total.shape[0], h, w, total.shape[-1]).permute(0, 3, 1, 2).cpu()
-        return AttentionMapResult(means, prompts=list(run.prompts), pipeline=run.store.get("pipeline"))
+        return AttentionMapResult(means, prompts=list(run.prompts), text=run.text, family=run.family)
 
     def end(self, run) -> None:
         run.store.pop(self, None)

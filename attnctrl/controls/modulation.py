@@ -39,7 +39,7 @@ import torch
 
 from ..control import Control
 from ..selectors import SelectorLike
-from ..tokens import TokenError, joint_text_indices
+from ..tokens import TokenError
 
 GroupsLike = str | Sequence[str | Sequence[str]]
 
@@ -180,6 +180,9 @@ class AttentionModulation(Control):
     Every knob at its neutral value (``temperature=1``, no ``groups`` or ``mask=False``, weights 1)
     gives the stock pipeline's output, and the layers then run their stock processor.
 
+    Attention hooks: only at the steps where some component is on (`attends`: `temperature_steps`,
+    `mask_steps`, the weights of the step's phase), each component in its own window.
+
     Args:
         groups: the prompt's entities, each an entity noun with its attribute words, entity noun
             last: ``"red car;white sheep"`` (groups separated by ';'), ``["red car", "white sheep"]``
@@ -240,15 +243,10 @@ class AttentionModulation(Control):
             kinds = [k for k, on in (("self", self._uses_self), ("cross", self._uses_cross)) if on]
             layers = kinds or list(self.default_layers)
         super().__init__(layers=layers, steps=None)
-        self._phases: dict[tuple[int, int], _Phase] = {}
 
     # ---- when ----------------------------------------------------------------------------------
     def phase(self, index: int, num_steps: int) -> _Phase:
-        """Which components are on at step `index` of `num_steps` (cached)."""
-        key = (index, num_steps)
-        found = self._phases.get(key)
-        if found is not None:
-            return found
+        """Which components are on at step `index` of `num_steps`."""
         lo, hi = (_index(x, num_steps) for x in self.temperature_steps)
         temp = self._uses_self and lo <= index < hi
         lo, hi = (_index(x, num_steps) for x in self.mask_steps)
@@ -256,43 +254,51 @@ class AttentionModulation(Control):
         late = index >= _index(self.phase_split, num_steps)
         we = self.entity_weight[late] if self.groups else 1.0
         wa = self.attribute_weight[late] if self.groups else 1.0
-        found = _Phase(temp or mask or we != 1.0 or wa != 1.0, temp, mask, we, wa)
-        self._phases[key] = found
+        return _Phase(temp or mask or we != 1.0 or wa != 1.0, temp, mask, we, wa)
+
+    def _phase_of(self, run) -> _Phase | None:
+        """The phase of the run's current step (None before the first), cached per run and step."""
+        state = run.state
+        if state is None:
+            return None
+        phases = run.store.get(self, {}).get("phases")
+        if phases is None:  # a run this control did not `begin`: compute, do not cache
+            return self.phase(state.index, state.num_steps)
+        key = (state.index, state.num_steps)
+        found = phases.get(key)
+        if found is None:
+            found = phases[key] = self.phase(state.index, state.num_steps)
         return found
 
-    def active(self, state) -> bool:
-        """On only at steps where some component acts: elsewhere the layers keep their stock processor."""
-        if state is None:
+    def attends(self, run) -> bool:
+        """Only at steps where some component acts (its own step windows, not `steps`): elsewhere
+        the layers keep their stock processor."""
+        ph = self._phase_of(run)
+        if ph is None:
             return self._uses_self or self._uses_cross
-        return self.phase(state.index, state.num_steps).any
+        return ph.any
 
     # ---- lifetime ------------------------------------------------------------------------------
     def begin(self, run) -> None:
         """Resolve the groups' words to text-key indices for every prompt of the run (errors before any step)."""
-        run.store[self] = {}
+        run.store[self] = {"phases": {}}
         if not self.groups:
             return
-        pipe = run.store.get("pipeline")
-        if pipe is None or not run.prompts:
-            raise ValueError(
-                "AttentionModulation with groups needs the prompt to find its words: run it through "
-                "ac.ControlledPipeline (ac.load(...)), not ac.attach"
-            )
-        run.store[self]["tokens"] = [self._resolve(run, pipe, p) for p in run.prompts]
+        run.needs_text("AttentionModulation with groups")
+        per = max(run.layout.images // len(run.prompts), 1)
+        run.store[self]["tokens"] = [self._resolve(run, n * per) for n in range(len(run.prompts))]
 
-    def _resolve(self, run, pipe, prompt: str) -> _Tokens:
-        max_len = None
-        if run.family == "flux":
-            max_len = run.text_len
-        elif run.family == "sd3" and run.text_len is not None:
-            clip = int(getattr(getattr(pipe, "pipe", pipe), "tokenizer_max_length", 77))
-            max_len = run.text_len - clip
-        entity, members, owner = [], [], {}
+    def _resolve(self, run, image: int) -> _Tokens:
+        """The groups' text-key columns in the prompt of image `image` (the first image of its prompt)."""
+        prompt = run.prompt_of(image)
+        entity: list[list[int]] = []
+        members: list[list[int]] = []
+        owner: dict[int, int] = {}
         for g, words in enumerate(self.groups):
             cols = []
             for w in words:
                 try:
-                    idx = joint_text_indices(pipe, prompt, w, run.family, max_sequence_length=max_len)
+                    idx = run.tokens(image, w)
                 except TokenError as err:
                     raise TokenError(f"AttentionModulation group {' '.join(words)!r}: {err}") from None
                 for i in idx:
@@ -318,8 +324,8 @@ class AttentionModulation(Control):
         temperature control): the SDPA scale becomes ``scale / τ``. On joint layers (SD3/FLUX) the
         logits against image keys are divided by τ (keys scaled), the image→image block being the
         self-attention part."""
-        state = call.run.state
-        if state is None or not self.phase(state.index, state.num_steps).temperature:
+        ph = self._phase_of(call.run)
+        if ph is None or not ph.temperature:
             return
         if call.k_image.stop <= call.k_image.start:
             return  # pure image→text cross-attention: no self part
@@ -341,11 +347,10 @@ class AttentionModulation(Control):
         """Additive logits bias on image queries → text keys: −∞ on other groups' tokens (masking)
         plus ``log w_e`` / ``log w_a`` on entity / attribute tokens (phase-wise weights): reweighting
         a softmax row by w and renormalising is ``softmax(s + log w)``."""
-        state = call.run.state
-        if call.k_text is None or state is None:
+        if call.k_text is None:
             return None
-        ph = self.phase(state.index, state.num_steps)
-        if not (ph.mask or ph.reweight):
+        ph = self._phase_of(call.run)
+        if ph is None or not (ph.mask or ph.reweight):
             return None
         tokens = call.run.store[self]["tokens"]
         layout = call.run.layout

@@ -24,15 +24,16 @@ phrase aligned alone, V̄ from the prompt with all phrases aligned into it; the 
 extra attentions of the cond rows (n SDPA calls per layer).
 
 SDXL: the cross-attention sees both CLIP encoders' hidden states concatenated feature-wise; each
-phrase is encoded by both (the pipeline's own `encode_prompt`) and aligned at the same positions.
+phrase is encoded by both (the pipeline's own `encode_prompt`, the run's ``run.text.encode``) and
+aligned at the same positions.
 SD3 / FLUX are refused before the first step: in joint attention the text tokens are themselves
 transformed by every block (their values at block b come from block b−1's text stream, not from the
 text encoder), so encoder-level phrase embeddings cannot stand in for them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from ..control import Control
 from ..phrases import Phrase, noun_phrases
 from ..selectors import SelectorLike
+from ..state import TextEncoders
 from ..tokens import TokenError, prompt_words, resolve
 
 _JOINT_ERROR = (
@@ -143,11 +145,11 @@ class StructuredGuidance(Control):
         run.store[self] = None
         if run.family not in ("sd", "sdxl"):
             raise NotImplementedError(_JOINT_ERROR.format(family=run.family.upper(), layers="all"))
-        pipeline = run.store.get("pipeline")
-        if pipeline is None:
+        text = run.needs_text("StructuredGuidance")
+        if text.encode is None:
             raise ValueError(
-                "StructuredGuidance needs the prompt text and the text encoders: run it through "
-                "ac.ControlledPipeline / ac.load(...), not ac.attach"
+                "StructuredGuidance needs the text encoders: run it through ac.ControlledPipeline "
+                "(ac.load(...)), not ac.attach"
             )
         prompts = list(run.prompts)
         per_prompt = self.phrases_for(prompts)
@@ -155,12 +157,12 @@ class StructuredGuidance(Control):
             return  # nothing to guide: the layers compute the stock attention
         for name, entries in run.plan.items():
             if any(c is self for c, _ in entries):
-                module = pipeline.denoiser.get_submodule(name)
+                module = run.denoiser.get_submodule(name)
                 if getattr(module, "norm_cross", None) is not None:
                     raise NotImplementedError(f"StructuredGuidance does not support layers with a cross-attention norm ({name})")
-        pieces = _phrase_tokens(pipeline.pipe, run.family, prompts, per_prompt)
+        pieces = _phrase_tokens(text.encode, _tokenizers(text, run.family), prompts, per_prompt)
         per_image = run.layout.images // len(prompts)
-        st = {"phrases": per_prompt, "cache": {}}
+        st: dict[str, Any] = {"phrases": per_prompt, "cache": {}}
         if self.conjunction:
             single, single_mask, keys, key_weights = _conjunction_sequences(pieces)
             st.update(single=single, single_mask=single_mask, keys=keys, key_weights=key_weights)
@@ -259,50 +261,41 @@ class StructuredGuidance(Control):
 # ---------------------------------------------------------------------------------- encoding
 
 
-def _tokenizers(pipe, family: str) -> list:
+def _tokenizers(text: TextEncoders, family: str) -> list:
     """The tokenizers of the encoders whose hidden states the UNet sees (SDXL: both, concatenated)."""
     if family == "sd":
-        return [pipe.tokenizer]
-    return [tok for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
-            if tok is not None and enc is not None]
+        return [text.tokenizer]
+    return [tok for tok in (text.tokenizer, text.tokenizer_2) if tok is not None]
 
 
-def _encode(pipe, family: str, texts: list[str]) -> torch.Tensor:
-    """The pipeline's own prompt embeddings of `texts` (no CFG, one image each): (len, L, C)."""
-    device = pipe._execution_device
-    clip_skip = getattr(pipe, "_clip_skip", None)
-    lora_scale = (getattr(pipe, "_cross_attention_kwargs", None) or {}).get("scale")
-    if family == "sd":
-        return pipe.encode_prompt(texts, device, 1, False, clip_skip=clip_skip, lora_scale=lora_scale)[0]
-    return pipe.encode_prompt(
-        prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-        clip_skip=clip_skip, lora_scale=lora_scale,
-    )[0]
+def _max_length(tok) -> int | None:
+    limit = getattr(tok, "model_max_length", None)
+    return limit if limit and limit < 1_000_000 else None
 
 
-def _phrase_tokens(pipe, family: str, prompts: list[str], per_prompt: list[list[Phrase]]):
+def _phrase_tokens(
+    encode: Callable[[list[str]], torch.Tensor], tokenizers: list, prompts: list[str], per_prompt: list[list[Phrase]]
+):
     """Per prompt, ``(length L, width C, [(positions in the prompt's sequence, phrase token embeddings), ...])``.
 
-    Each phrase is encoded alone; its own tokens after BOS go to the positions its words occupy in
-    the prompt's token sequence (the reference's `align_sequence`: ``seq[1 : 1 + len]``)."""
+    Each phrase is encoded alone (`encode`: the run's ``text.encode``, the pipeline's own prompt
+    embeddings without CFG, (len, L, C)); its own tokens after BOS go to the positions its words
+    occupy in the prompt's token sequence (the reference's `align_sequence`: ``seq[1 : 1 + len]``),
+    found with `tokenizers` (SDXL: both, which must agree)."""
     texts = list(dict.fromkeys(p.text for ps in per_prompt for p in ps))
-    emb = _encode(pipe, family, texts)
+    emb = encode(texts)
     row = {t: i for i, t in enumerate(texts)}
-    tokenizers = _tokenizers(pipe, family)
     out = []
     for prompt, phrases in zip(prompts, per_prompt):
         items = []
         for p in phrases:
-            positions = None
-            for tok in tokenizers:
-                limit = getattr(tok, "model_max_length", None)
-                idx = resolve(tok, prompt, p.spec, max_length=limit if limit and limit < 1_000_000 else None)
-                if positions is not None and idx != positions:
+            positions, *others = [resolve(tok, prompt, p.spec, max_length=_max_length(tok)) for tok in tokenizers]
+            for idx in others:
+                if idx != positions:
                     raise TokenError(
                         f"phrase {p.text!r} falls on different token positions for the two text encoders "
                         f"({positions} vs {idx}); StructuredGuidance needs them aligned"
                     )
-                positions = idx
             items.append((positions, emb[row[p.text], 1 : 1 + len(positions)]))
         out.append(items)
     return emb.shape[1], emb.shape[2], emb.dtype, emb.device, out
