@@ -35,8 +35,8 @@ Box = tuple[float, float, float, float]
 BoxesLike = str | Sequence[Sequence[float]]
 
 __all__ = [
-    "bbox", "box_cells", "boxes_overlap", "check_masks", "mask_cells", "normalise_boxes", "parse_boxes", "pixel_size",
-    "regions_from_maps", "relocate",
+    "bbox", "box_cells", "boxes_overlap", "check_masks", "mask_cells", "normalise_boxes", "parse_boxes", "regions_from_maps",
+    "relocate",
 ]
 
 
@@ -188,17 +188,3 @@ def regions_from_maps(
     best = torch.where(want, m, torch.full_like(m, -1.0)).amax(dim=1, keepdim=True)
     cells &= m >= best
     return cells.float()
-
-
-def pixel_size(run) -> tuple[int, int] | None:
-    """Output image size (H, W) in pixels of a run, from its pipeline (None when unknown)."""
-    pipe = run.store.get("pipeline")
-    inner = getattr(pipe, "pipe", None)
-    if inner is None:
-        return None
-    f = int(getattr(inner, "vae_scale_factor", 8))
-    if run.family == "sd3":
-        f *= int(inner.transformer.config.patch_size)
-    elif run.family == "flux":
-        f *= 2
-    return run.grid[0] * f, run.grid[1] * f

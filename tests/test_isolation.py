@@ -14,10 +14,11 @@ from attnctrl.controls.isolation import SDXL_START_LAYER, default_start_layer, d
 from attnctrl.controls.registry import ControlArgError, parse_control
 from attnctrl.layers import LayerInfo
 from attnctrl.pipelines import ControlledPipeline
+from attnctrl.pipelines.facts import set_run_facts
 from attnctrl.plan import build_plan
 from attnctrl.regions import box_cells, regions_from_maps, relocate
 from attnctrl.state import BatchLayout, RunContext, StepState
-from conftest import call_kwargs
+from conftest import _cached, call_kwargs
 
 PROMPTS = ["a cat", "a dog", "a cat and a dog"]
 BOXES = "0,0,0.5,1;0.5,0,1,1"  # cat left, dog right (normalised)
@@ -223,7 +224,8 @@ def test_cli_forms():
 def test_moved_flux_keys_carry_the_rotary_embedding_of_their_new_place(tiny):
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from attnctrl.controls.isolation import move_rope, rotate
+    from attnctrl.controls.isolation import move_rope
+    from attnctrl.rope import rotate
 
     pos = tiny("tiny-flux").transformer.pos_embed
     ids = torch.zeros(40, 3)
@@ -250,8 +252,15 @@ UP_CROSS = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "cro
 LAYERS = [DOWN, UP, UP_CROSS]
 
 
+def hand_context(images=3, step=0, num_steps=10):
+    """A run of `images` images at `step` on GRID, its denoiser tiny-sd's UNet (which has the layers above:
+    the control reads their `LayerInfo`s from it)."""
+    return RunContext(family="sd", layout=BatchLayout.build(images, True), grid=GRID, state=StepState(step, 999.0, num_steps),
+                      denoiser=_cached("tiny-sd").unet)
+
+
 def hand_run(ir, step=0, layers=LAYERS, images=3):
-    run = RunContext(family="sd", layout=BatchLayout.build(images, True), grid=GRID, state=StepState(step, 999.0, 10))
+    run = hand_context(images, step)
     run.plan = build_plan([ir], layers, GRID)
     ir.begin(run)
     return run
@@ -343,7 +352,7 @@ def test_the_single_sdpa_path_gives_the_same_attention():
     ir = ir_hand(mutual_cross=0.0, start_layer=0)
     run = hand_run(ir)
     alone = layer_out(run, hand_call(run, UP))
-    run = RunContext(family="sd", layout=BatchLayout.build(3, True), grid=GRID, state=StepState(0, 999.0, 10))
+    run = hand_context()
     other = ZeroBias(layers="self")
     run.plan = build_plan([ir, other], LAYERS, GRID)
     ir.begin(run)
@@ -393,7 +402,7 @@ def test_mutual_cross_attention_averages_overlapping_subjects():
 def test_dropout_thins_the_rows_that_read_each_reference_per_step():
     ir = ir_hand(dropout=0.5, seed=7, mutual_cross=0.0, start_layer=0)
     probe = Probe(UP.name)
-    run = RunContext(family="sd", layout=BatchLayout.build(3, True), grid=GRID, state=StepState(3, 999.0, 10))
+    run = hand_context(step=3)
     run.plan = build_plan([ir, probe], LAYERS, GRID)
     ir.begin(run)
     seen = {}
@@ -424,7 +433,7 @@ def test_dropout_never_empties_a_region():
     step = next(s for s in range(100) if not dropout_keep(0, s, GRID, 1, 0.5)[0, 0])
     ir = ac.IsolationReposition(["cat"], [0], boxes=[one], reference_boxes=[one], dropout=0.5, mutual_cross=0.0, start_layer=0)
     probe = Probe(UP.name)
-    run = RunContext(family="sd", layout=BatchLayout.build(2, True), grid=GRID, state=StepState(step, 999.0, 200))
+    run = hand_context(images=2, step=step, num_steps=200)
     run.plan = build_plan([ir, probe], LAYERS, GRID)
     ir.begin(run)
     layer_out(run, hand_call(run, UP))
@@ -467,7 +476,7 @@ def test_sharing_starts_in_the_decoder():
     # on one layer call: the encoder layer isolates but shares nothing, the decoder layer shares
     ir = ir_hand(mutual_cross=0.0)
     probe_down, probe_up = Probe(DOWN.name), Probe(UP.name)
-    run = RunContext(family="sd", layout=BatchLayout.build(3, True), grid=GRID, state=StepState(0, 999.0, 10))
+    run = hand_context()
     run.plan = build_plan([ir, probe_down, probe_up], LAYERS, GRID)
     ir.begin(run)
     cat, dog = (box_cells(b, GRID).flatten() for b in (CAT, DOG))
@@ -544,7 +553,8 @@ def test_regions_from_maps_by_value():
 
 def test_the_map_reader_gives_the_thresholded_regions(tiny):
     run_ = RunContext(family="sd", layout=BatchLayout.build(3, True), grid=GRID, prompts=PROMPTS, state=StepState(0, 999.0, 3))
-    run_.store["pipeline"] = ControlledPipeline(tiny("tiny-sd"))
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    set_run_facts(run_, pipe.pipe, pipe.denoiser, pipe.adapter)  # the tokenizers: subject words -> indices
     ir = ac.IsolationReposition(["cat", "dog"], [0, 1], mask_step=1)
     run_.plan = build_plan([ir], LAYERS, GRID)
     ir.begin(run_)

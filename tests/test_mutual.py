@@ -9,10 +9,11 @@ from PIL import Image
 import attnctrl as ac
 from attnctrl.attention import AttentionCall, attend
 from attnctrl.control import Control
-from attnctrl.controls.mutual import MutualSelfAttention, auto_masks, forward_order
+from attnctrl.controls.mutual import MutualSelfAttention, auto_masks
 from attnctrl.controls.registry import parse_control
-from attnctrl.layers import LayerInfo
+from attnctrl.layers import LayerInfo, forward_order
 from attnctrl.pipelines import ControlledPipeline
+from attnctrl.pipelines.facts import set_run_facts
 from attnctrl.selectors import select
 from attnctrl.state import BatchLayout, RunContext, StepState
 from conftest import call_kwargs
@@ -145,18 +146,12 @@ def test_flux_synps_defaults_and_weight():
     c = MutualSelfAttention()
     kept = c.narrow_layers([(lay, None) for lay in layers], (64, 64))
     assert len(kept) == 57  # the editing measure reads every block
-    assert sorted(c._names) == sorted(
+    assert sorted(lay.name for lay in c.sharing_layers(forward_order(layers), "flux")) == sorted(
         [f"transformer_blocks.{i}.attn" for i in (0, 7, 8, 9, 10, 18)]
         + [f"single_transformer_blocks.{i}.attn" for i in (6, 9, 18, 23, 26, 31, 37)]
     )
     st = {"step": 3, "count": 4, "sum": torch.tensor(3.8), "w": 1.0, "rope": {}}
-
-    class Call:
-        class run:
-            class state:
-                index = 4
-
-    c._new_step(Call, st)  # mean measure 0.95 between τ_min 0.9 and τ_max 1.0
+    c.synps.new_step(st, 4)  # mean measure 0.95 between τ_min 0.9 and τ_max 1.0
     assert abs(float(st["w"]) - 0.5) < 1e-6 and st["count"] == 0
 
 
@@ -194,6 +189,53 @@ def test_real_source_image_is_inverted_into_the_source_row(tiny, pin):
     assert (out.images[1] - generated.images[1]).abs().max().item() > 1e-3  # the target reads the real image
 
 
+def test_source_image_under_pndm_follows_the_trajectory_shared_attention_uses(tiny):
+    """PNDM (SD 1.x's scheduler) repeats a timestep: [667, 334, 334, 1] for 3 steps. The source row still
+    sits at step i on the inversion to that step's timestep — the same latents SharedAttention's
+    reference row holds with the same image, prompt and guidance (both invert through `run.invert`)."""
+    from test_inversion import pndm_pipe
+
+    from attnctrl.inversion import invert_trajectory
+
+    pipe = pndm_pipe(tiny("tiny-sd"))
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    prompts = ["a cat", "a cat jumping"]
+    mutual, shared = Inputs(), Inputs()
+    kw = call_kwargs("tiny-sd")
+    out = ControlledPipeline(pipe)(prompts, seed=0, controls=[
+        MutualSelfAttention(start_step=1, start_layer=2, source_image=image, inversion_guidance=2.0), mutual], **kw)
+    ControlledPipeline(pipe)(prompts, seed=0, controls=[ac.SharedAttention(reference_image=image), shared], **kw)
+    assert pipe.scheduler.timesteps.tolist() == [667, 334, 334, 1]
+    res = invert_trajectory(pipe, image, "a cat", pipe.scheduler.timesteps, guidance_scale=2.0, height=64, width=64)
+    assert len(mutual.latents) == len(shared.latents) == 4
+    for i, (m, r) in enumerate(zip(mutual.latents, shared.latents, strict=True)):
+        assert torch.equal(m[0], r[0]) and torch.equal(m[0], res.at_step(i)[0]), i
+    assert torch.equal(mutual.latents[0][1], res.at_step(0)[0])  # one start: the inverted latents in every row
+    assert torch.equal(mutual.latents[1][0], mutual.latents[2][0])  # the repeated timestep: the same latents
+    assert torch.isfinite(out.images).all()
+
+
+# ---- one control object, several runs: what a run needs lives on the run ---------------------------
+
+
+@pytest.mark.parametrize("kw, runs", [
+    ({"start_step": 1, "start_layer": 2, "mask_tokens": "cat"},
+     [("tiny-sd", PROMPTS, {}), ("tiny-sd", ["a cat sitting", "a big cat"], {"num_inference_steps": 4})]),
+    ({"start_step": 1, "start_layer": 2, "source_image": "image"},
+     [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})]),
+    ({}, [("tiny-flux", PROMPTS, {}), ("tiny-sd3", PROMPTS[:2], {"num_inference_steps": 6})]),  # SynPS; then S = 4
+])
+def test_one_control_for_runs_in_a_row_is_a_fresh_control_each_time(tiny, kw, runs):
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+    kw = {k: image if v == "image" else v for k, v in kw.items()}
+    reused = MutualSelfAttention(**kw)
+    for name, prompts, extra in runs + runs[:1]:
+        got = run(tiny, name, [reused], prompts=prompts, **extra).images
+        fresh = run(tiny, name, [MutualSelfAttention(**kw)], prompts=prompts, **extra).images
+        assert torch.equal(got, fresh), name
+        assert (got[1:] - run(tiny, name, prompts=prompts, **extra).images[1:]).abs().max().item() > 1e-4  # it acted
+
+
 class NoStep(Control):
     def after_step(self, run, latents):
         raise AssertionError("a step ran")
@@ -226,9 +268,9 @@ def test_bad_arguments(kwargs, message):
         MutualSelfAttention(**kwargs)
 
 
-def test_inversion_needs_a_ddim_schedule(tiny):
+def test_inversion_needs_a_variance_preserving_scheduler(tiny):
     image = Image.new("RGB", (64, 64), "gray")
-    with pytest.raises(ValueError, match="DDIM"):
+    with pytest.raises(ValueError, match="variance-preserving"):  # tiny-sdxl samples with Euler (sigma space)
         run(tiny, "tiny-sdxl", [MutualSelfAttention(start_layer=2, source_image=image), NoStep()], prompts=["a cat", "a dog"])
 
 
@@ -367,7 +409,7 @@ def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(t
     cross = [lay.name for lay, _ in picked if lay.kind == "cross"]
     assert cross == [MID_CROSS.name]  # the maps: cross-attention at 1/4 of the grid (MasaCtrl: 16x16 at 512 px)
     run = RunContext(family="sd", layout=BatchLayout.build(2, True), grid=(8, 8), prompts=["a cat sitting", "a big dog"])
-    run.store["pipeline"] = pipe
+    set_run_facts(run, pipe.pipe, pipe.denoiser, pipe.adapter)  # the tokenizers: words -> indices
     c.begin(run)
     run.state = StepState(0, 999.0, 4)
     # two layers, two heads: the mean over both is source [0, 5, 10, 1] (fg 1, 2, 3), target [10, 5, .9, 0] (fg 0, 1;
@@ -476,10 +518,6 @@ def test_bad_mask_arguments(kwargs, message):
 # ---- SynPS: the editing measure and the weight schedule, by value --------------------------------
 
 
-def _step(index):
-    return SimpleNamespace(run=SimpleNamespace(state=SimpleNamespace(index=index)))
-
-
 @pytest.mark.parametrize(
     "m, kw, w",
     [
@@ -493,9 +531,9 @@ def _step(index):
 def test_synps_weight_schedule(m, kw, w):
     c = MutualSelfAttention(**kw)
     st = {"step": 3, "count": 2, "sum": torch.tensor(2 * m), "w": 1.0, "rope": {}}
-    c._new_step(_step(3), st)
+    c.synps.new_step(st, 3)
     assert st["w"] == 1.0  # same step: unchanged
-    c._new_step(_step(4), st)
+    c.synps.new_step(st, 4)
     assert abs(float(st["w"]) - w) < 1e-5 and st["count"] == 0
 
 
@@ -523,5 +561,5 @@ def test_synps_measure_by_value():
         call = SimpleNamespace(run=run, layer=layer, q=o, q_image=slice(2, 4), q_text=slice(0, 2), k_text=slice(0, 2))
         assert torch.equal(c.out(call, o), o)  # the measure only reads
     assert st["count"] == 2 and abs(float(st["sum"]) / 2 - 0.98) < 1e-6
-    c._new_step(SimpleNamespace(run=SimpleNamespace(state=StepState(1, 0.5, 4))), st)
+    c.synps.new_step(st, 1)
     assert abs(float(st["w"]) - 0.2) < 1e-5  # (1.0 - 0.98) / 0.1

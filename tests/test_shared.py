@@ -416,6 +416,26 @@ def test_reference_image_needs_a_variance_preserving_scheduler(tiny):
         ac.SharedAttention(reference_image="/nonexistent/x.png")
 
 
+# ---- one control object, several runs: what a run needs lives on the run ---------------------------
+
+
+@pytest.mark.parametrize("kw, runs", [
+    ({"reference_image": "image", "inversion_offset": 1},
+     [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})]),
+    ({}, [("tiny-flux", PROMPTS, {}), ("tiny-flux", PROMPTS[:2], {"height": 64, "width": 32})]),  # ShiftPE by width
+    ({"shared_norms": True, "reference": 1}, [("tiny-sdxl", PROMPTS, {}), ("tiny-sd", PROMPTS[:2], {})]),
+])
+def test_one_control_for_runs_in_a_row_is_a_fresh_control_each_time(tiny, kw, runs):
+    kw = {k: _image() if v == "image" else v for k, v in kw.items()}
+    reused = ac.SharedAttention(**kw)
+    for name, prompts, extra in runs + runs[:1]:
+        got = _run(tiny(name), name, prompts, [reused], **extra)
+        fresh = _run(tiny(name), name, prompts, [ac.SharedAttention(**kw)], **extra)
+        assert torch.equal(got, fresh), name
+        assert (got - _run(tiny(name), name, prompts, [], **extra)).abs().max().item() > 1e-4  # it acted
+    assert all(not m._forward_hooks for m in tiny("tiny-sdxl").unet.modules())  # the GroupNorm hooks are gone
+
+
 # ---- command line ----------------------------------------------------------------------------------
 
 

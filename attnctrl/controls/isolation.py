@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ..attention import active_chain
 from ..control import Control
+from ..layers import forward_order, list_layers
 from ..regions import (
     box_cells,
     boxes_overlap,
@@ -63,10 +64,10 @@ from ..regions import (
     mask_cells,
     normalise_boxes,
     parse_boxes,
-    pixel_size,
     regions_from_maps,
     relocate,
 )
+from ..rope import rerotate
 from ..selectors import SelectorLike, as_selectors
 
 NEG = float("-inf")
@@ -74,24 +75,14 @@ NEG = float("-inf")
 #: ``pipe_test.py``: ``start_layer=36`` on playground-v2.5), i.e. the up blocks without the first two
 #: transformer blocks of ``up_blocks.0``
 SDXL_START_LAYER = 36
-_PLACE_ORDER = {"down": 0, "mid": 1, "up": 2, "blocks": 3, "single": 4}
 #: hooks of another control on the same layer that make this one share the layer's single SDPA call
 _SHARING_HOOKS = ("bias", "out", "replaced_rows", "probs")
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX rotary embedding (interleaved pairs, as `diffusers.models.embeddings.apply_rotary_emb`)."""
-    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    turned = torch.stack([-im, re], dim=-1).flatten(-2)
-    return (x.float() * cos + turned * sin).to(x.dtype)
 
 
 def move_rope(k: torch.Tensor, rope, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Keys k (B, H, N, D) rotated for sequence positions `src` (B, N), re-rotated for positions `dst`."""
     cos, sin = rope
-    cs, ss = cos[src][:, None], sin[src][:, None]
-    cd, sd = cos[dst][:, None], sin[dst][:, None]
-    return rotate(rotate(k, cs, -ss), cd, sd)
+    return rerotate(k, (cos[src][:, None], sin[src][:, None]), (cos[dst][:, None], sin[dst][:, None]))
 
 
 def default_start_layer(order: list) -> int:
@@ -231,7 +222,6 @@ class IsolationReposition(Control):
         self._cross = as_selectors("cross" if layers is None else layers)
         sel = [s.text for s in self._apply] + (["cross"] if self._reads or self._mutual else [])
         super().__init__(layers=sel, steps=steps)
-        self._share: frozenset[str] | None = None  # self-attention layers that share (None: all)
 
     # ---- where ---------------------------------------------------------------------------------
     @staticmethod
@@ -255,17 +245,22 @@ class IsolationReposition(Control):
             (lay, h) for lay, h in picked
             if self._matches(lay, grid) or self._mutual_matches(lay, grid) or (self._reads and lay.has_part("cross"))
         ]
-        self._share = None
-        if self.references is not None:
-            order = sorted((lay for lay, _ in picked if self._matches(lay)), key=lambda lay: _PLACE_ORDER.get(lay.place, 5))
-            start = default_start_layer(order) if self.start_layer is None else self.start_layer
-            if self.start_layer is not None and start >= len(order):
-                raise ValueError(
-                    f"{type(self).__name__}: start_layer={start} but the selected layers have {len(order)} self-attention "
-                    "layers (counted from 0 in forward order); give a smaller start_layer"
-                )
-            self._share = frozenset(lay.name for lay in order[start:])
+        self._sharing([lay for lay, _ in picked])  # a start_layer beyond the layers fails here, before any step
         return kept
+
+    def _sharing(self, layers: list) -> frozenset[str] | None:
+        """Names of the self-attention layers among `layers` that share (from `start_layer` on, in forward
+        order); None without references."""
+        if self.references is None:
+            return None
+        order = forward_order([lay for lay in layers if self._matches(lay)])
+        start = default_start_layer(order) if self.start_layer is None else self.start_layer
+        if self.start_layer is not None and start >= len(order):
+            raise ValueError(
+                f"{type(self).__name__}: start_layer={start} but the selected layers have {len(order)} self-attention "
+                "layers (counted from 0 in forward order); give a smaller start_layer"
+            )
+        return frozenset(lay.name for lay in order[start:])
 
     def check_layers(self, picked) -> None:
         if not any(self._matches(layer) for layer, _ in picked):
@@ -282,8 +277,17 @@ class IsolationReposition(Control):
             )
         return st["applies"][name]
 
-    def _shares(self, layer) -> bool:
-        return self.references is not None and (self._share is None or layer.name in self._share)
+    def _shares(self, run, layer) -> bool:
+        """Whether self-attention `layer` shares reference tokens: from `start_layer` on among the layers this
+        control got in the run's plan (their `LayerInfo`s from the run's denoiser; once per plan)."""
+        if self.references is None:
+            return False
+        st = run.store[self]
+        got = st["share"]
+        if got is None or got[0] is not run.plan:  # ac.attach plans again for a new grid
+            mine = {name for name, entries in run.plan.items() if any(c is self for c, _ in entries)}
+            got = st["share"] = (run.plan, self._sharing([lay for lay in list_layers(run.denoiser) if lay.name in mine]))
+        return layer.name in got[1]
 
     def _alone(self, call) -> bool:
         """No other active control on this layer adds a mask, edits outputs or reads probabilities."""
@@ -300,7 +304,7 @@ class IsolationReposition(Control):
             raise ValueError(
                 f"{type(self).__name__}: reference image(s) {bad} outside the batch of {n_img} image(s) (indices 0..{n_img - 1})"
             )
-        size = pixel_size(run)
+        size = run.pixel_size
         sizes = [s for s in (size, tuple(run.grid)) if s is not None]
         boxes = None if self.boxes is None else normalise_boxes(self.boxes, size, "boxes")
         ref_boxes = None if self.reference_boxes is None else normalise_boxes(self.reference_boxes, size, "reference_boxes")
@@ -321,7 +325,7 @@ class IsolationReposition(Control):
         st = {
             "targets": [i for i in range(n_img) if i not in refs], "boxes": boxes, "ref_boxes": ref_boxes,
             "masks": masks, "ref_masks": ref_masks, "maps": {}, "auto": None, "cache": {}, "mutual": {},
-            "applies": {}, "tokens": None, "keep": {},
+            "applies": {}, "tokens": None, "keep": {}, "share": None,
         }
         if self._reads:
             st["tokens"] = self._resolve_tokens(run, st["targets"])
@@ -329,23 +333,16 @@ class IsolationReposition(Control):
 
     def _resolve_tokens(self, run, targets) -> dict:
         """{image: [token indices or None per subject]} for the words whose maps give regions."""
-        from ..tokens import joint_text_indices
-
-        pipe = run.store.get("pipeline")
-        if pipe is None or not run.prompts:
-            raise ValueError(f"{type(self).__name__}: regions from attention maps need ControlledPipeline and prompts; give boxes or masks")
-        msl = run.text_len if run.family == "flux" else (run.text_len - 77 if run.family == "sd3" and run.text_len else None)
-        per = max(run.layout.images // len(run.prompts), 1)
+        run.needs_text(f"{type(self).__name__} (regions from attention maps; or give boxes or masks)")
         out = {}
         for img in range(run.layout.images):
-            prompt = run.prompts[min(img // per, len(run.prompts) - 1)]
             if img in targets:
                 want = range(len(self.subjects)) if self._auto_targets else []
             else:
                 want = [self.references.index(img)] if self._auto_refs else []
             row = [None] * len(self.subjects)
             for i in want:
-                row[i] = joint_text_indices(pipe.pipe, prompt, self.subjects[i], run.family, max_sequence_length=msl)
+                row[i] = run.tokens(img, self.subjects[i])
             out[img] = row
         return out
 
@@ -436,7 +433,7 @@ class IsolationReposition(Control):
         regions and the isolation mask; False when nothing applies (yet)."""
         run, layout = call.run, call.run.layout
         auto = self.regions(run) if self._reads else None
-        shares = self._shares(call.layer)
+        shares = self._shares(run, call.layer)
         key = (call.grid, call.q.shape[2], call.k.shape[2], call.q_image.start, call.k_image.start,
                layout.branches, layout.images, auto is not None, shares, call.q.dtype, call.q.device)
         plan = st["cache"].get(key)

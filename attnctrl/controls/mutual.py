@@ -1,4 +1,4 @@
-"""`MutualSelfAttention`: MasaCtrl's mutual self-attention, with SynPS's positional modulation on FLUX.
+"""`MutualSelfAttention`: MasaCtrl's mutual self-attention (on FLUX with SynPS's positional weighting).
 
 MasaCtrl — Cao et al., "MasaCtrl: Tuning-Free Mutual Self-Attention Control for Consistent Image
 Synthesis and Editing", ICCV 2023, §3.2 Eq. 4: from step S and layer L on, the target image's
@@ -15,15 +15,10 @@ Every branch (unconditional, conditional, ...) uses its own source row. The mask
 ``O = M_t·A(Q_t, K_s^fg, V_s^fg) + (1 − M_t)·A(Q_t, K_s^bg, V_s^bg)`` (fore- and background keep
 apart).
 
-FLUX — SynPS (Chen et al., "The Devil is in Attention Sharing", arXiv 2512.14423, reference code
-zhuochen02/SynPS): in 13 of the 57 blocks (double 0, 7, 8, 9, 10, 18; single 6, 9, 18, 23, 26, 31, 37
-counted from 19 on) the target attends to ``[its own text; the source's image]`` keys/values, with
-target queries and those keys rotated by RoPE at positions scaled by a weight w (``ids·w``; w = 0
-drops positional cues, w = 1 keeps them). The *editing measure* after each step is the mean over all
-blocks of ``cos(O_s^img, O_t^img) / cos(O_s^txt, O_t^txt)`` (attention outputs of source and target),
-and the next step uses ``w = clip((τ_max − m) / (τ_max − τ_min), 0, 1)`` (τ_min = 0.9, τ_max = 1.0;
-w = 1 at the first step). SynPS shares from the first step. SD3 gets plain mutual attention (no
-reference exists; the second half of its layers by default).
+FLUX — SynPS (`attnctrl.controls.synps`): the target shares in SynPS's 13 blocks, its queries and the
+source's keys at RoPE positions scaled by a weight its editing measure sets after every step; from the
+first step. SD3 gets plain mutual attention (no reference exists; the second half of its layers by
+default).
 
 Start noise: both reference implementations expand one start code to every prompt (MasaCtrl's
 playgrounds ``start_code.expand(len(prompts), ...)``; SynPS ``repeat(img, "1 ... -> bs ...")``), so
@@ -39,37 +34,33 @@ source's mask splits its keys into fore- and background, each target's own mask 
 outputs as in the mask-guided variant. A layer that runs before any such map of its step
 uses plain mutual attention (as the reference does).
 
-Real images: ``source_image=`` inverts the image with `attnctrl.inversion.ddim_invert` (SD/SDXL,
-DDIM scheduler) under ``source_prompt`` (default: the source row's prompt); every row starts from the
-inverted z_T (MasaCtrl's ``latents=start_code`` expanded to every prompt; only the source row with
-``same_noise=False``), and the source row is put back on the inversion trajectory at every step by
-default (``pin_source``, MasaCtrl's ``ref_intermediate_latents``).
+Real images: ``source_image=`` inverts the image with the run's ``run.invert`` (DDIM inversion to every
+timestep of the run, `attnctrl.inversion.invert_trajectory`, as SharedAttention's ``reference_image``;
+SD/SDXL under any variance-preserving scheduler: DDIM, PNDM, DPM-Solver, ...) under ``source_prompt``
+(default: the source row's prompt) with guidance ``inversion_guidance``; every row starts from the
+inverted latents of the first timestep (MasaCtrl's ``latents=start_code`` expanded to every prompt; only
+the source row with ``same_noise=False``), and at every step i the source row is put back on the
+trajectory, at the latents of the run's i-th timestep (``pin_source``, MasaCtrl's ``ref_intermediate_latents``).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..control import Control
-from ..regions import check_masks, mask_cells, pixel_size
+from ..images import open_image
+from ..layers import forward_order, list_layers
+from ..regions import check_masks, mask_cells
 from ..selectors import SelectorLike, as_selectors
-from .isolation import rotate
+from .synps import SynPS, synps_layers
 
-_PLACE_ORDER = {"down": 0, "mid": 1, "up": 2, "blocks": 3, "single": 4}
-#: SynPS's blocks (forward order over FLUX's 19 double + 38 single blocks)
-SYNPS_BLOCKS = frozenset({0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56})
 MASACTRL_START_LAYER = {"sd": 10, "sdxl": 44}
 #: MaskAuto reads the cross-attention at 1/4 of the input token grid (MasaCtrl: 16×16 at 512 px)
 MASK_FACTOR = 4
 _NAME = "MutualSelfAttention"
-
-
-def forward_order(layers: list) -> list:
-    """Layers in the order a forward pass runs them: down, mid, up (UNet); double, single (FLUX)."""
-    return sorted(layers, key=lambda lay: _PLACE_ORDER.get(lay.place, 5))
+_LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 
 
 def _family_of_layers(layers: list) -> str:
@@ -119,14 +110,15 @@ class MutualSelfAttention(Control):
         steps: a (start, stop) step range instead of start_step.
         source_mask: foreground mask (H, W) of the source, for the mask-guided variant (with target_mask).
         target_mask: foreground mask (H, W) of the target(s).
-        source_image: a real image (path or PIL image) to invert as the source (SD/SDXL, DDIM scheduler).
+        source_image: a real image (path or PIL image) to invert as the source (SD/SDXL, any
+            variance-preserving scheduler).
         source_prompt: prompt for the inversion (default: the source row's prompt).
         inversion_guidance: guidance scale of the inversion.
         pin_source: put the inverted latents in the source row at every step (False: only at step 0).
         pe_modulation: FLUX: SynPS's positional-embedding weight driven by its editing measure.
         pe_min: SynPS's lower threshold τ_min.
         pe_max: SynPS's upper threshold τ_max.
-        same_noise: every image starts from the source's start latents (or the inverted z_T), as MasaCtrl and SynPS do.
+        same_noise: every image starts from the source's start latents (or the inverted ones), as MasaCtrl and SynPS do.
         mask_tokens: words of the source prompt whose cross-attention gives the masks (MasaCtrl's MaskAuto; SD/SDXL).
         target_mask_tokens: words of the target prompts for their masks (default: mask_tokens).
         mask_threshold: threshold of the min-max normalised maps (MaskAuto: 0.1).
@@ -135,20 +127,6 @@ class MutualSelfAttention(Control):
     name = "mutual"
     default_layers = "self"
     observes_only = True  # `probs` only reads the cross-attention maps of mask_tokens
-
-    def __new__(cls, *args, **kwargs):
-        # the start-noise and real-image hooks run in the loop (`before_step`); with same_noise=False
-        # and a generated source the control keeps none, so it also works with `ac.attach` and
-        # inference mode
-        kind = cls
-        if cls is MutualSelfAttention:
-            try:
-                given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
-            except TypeError:
-                given = kwargs  # __init__ reports the bad call
-            if given.get("same_noise", True) is False and given.get("source_image") is None:
-                kind = _NoLatentHookMutual
-        return super().__new__(kind)
 
     def __init__(
         self,
@@ -199,26 +177,22 @@ class MutualSelfAttention(Control):
             sel = [x.text for x in as_selectors(self.default_layers if layers is None else layers)] + ["cross"]
         super().__init__(layers=layers if sel is None else sel, steps=steps)
         self.source, self.start_step, self.start_layer = source, start_step, start_layer
-        self._user_layers, self._user_steps = layers, steps
+        self._user_layers = layers
         self.source_mask, self.target_mask = source_mask, target_mask
         self.source_image, self.source_prompt = source_image, source_prompt
         self.inversion_guidance, self.pin_source = float(inversion_guidance), bool(pin_source)
         self.pe_modulation, self.pe_min, self.pe_max = bool(pe_modulation), float(pe_min), float(pe_max)
+        self.synps = SynPS(self.pe_min, self.pe_max)
         self.same_noise = same_noise
         self.mask_tokens, self.target_mask_tokens = mask_tokens, target_mask_tokens
         self.mask_threshold = float(mask_threshold)
-        self._names: frozenset[str] | None = None  # layers that share (None: every planned layer)
-        self._readers: frozenset[str] = frozenset()  # cross-attention layers read for the masks
-        self._run_store: dict | None = None  # this run's state, for `before_step` (the loop gives it no run)
 
-    # ---- where ---------------------------------------------------------------------------------
+    # ---- where and when ------------------------------------------------------------------------
     def narrow_layers(self, picked: list, grid) -> list:
         reads = self.mask_tokens is not None
         cross = [(lay, h) for lay, h in picked if reads and lay.kind == "cross" and lay.factor == MASK_FACTOR]
         picked = [(lay, h) for lay, h in picked if lay.has_part("self")]
-        self._readers = frozenset(lay.name for lay, _ in cross)
         if not picked:
-            self._names = None
             return picked
         order = forward_order([lay for lay, _ in picked])
         family = _family_of_layers(order)
@@ -230,10 +204,17 @@ class MutualSelfAttention(Control):
                 "512 px); this model has no cross-attention layer there"
             )
         if self._user_layers is not None:
-            self._names = frozenset(lay.name for lay, _ in picked) if reads else None
             return picked + cross
+        chosen = {lay.name for lay in self.sharing_layers(order, family)}
+        if family == "flux" and self.pe_modulation:
+            return picked  # SynPS's measure reads every block; `_shares` picks the sharing ones
+        return [(lay, h) for lay, h in picked if lay.name in chosen] + cross
+
+    def sharing_layers(self, order: list, family: str) -> list:
+        """The layers that share among `order` (self-attention layers in forward order) without `layers=`:
+        SynPS's blocks on FLUX, else from `start_layer` on (default 10 on SD, 44 on SDXL, the second half)."""
         if family == "flux" and self.start_layer is None:
-            chosen = [lay for i, lay in enumerate(order) if i in SYNPS_BLOCKS]
+            chosen = synps_layers(order)
         else:
             start = self.start_layer
             if start is None:
@@ -246,14 +227,46 @@ class MutualSelfAttention(Control):
             chosen = order[start:]
         if not chosen:
             raise ValueError(f"{_NAME}: no layer of SynPS's block set exists in this model; give start_layer or layers=")
-        self._names = frozenset(lay.name for lay in chosen)
-        if family == "flux" and self.pe_modulation:
-            return picked  # SynPS's measure reads every block
-        return [(lay, h) for lay, h in picked if lay.name in self._names] + cross
+        return chosen
 
     def check_layers(self, picked) -> None:
         if not any(lay.has_part("self") for lay, _ in picked):
             raise ValueError(f"{_NAME} shares self-attention; the selector picks no self-attention layer")
+
+    def attends(self, run) -> bool:
+        """Inside the step window: `steps` when given, else from step `start_step` on (default 4, MasaCtrl's
+        S; 0 on FLUX, SynPS), which depends on the run's family."""
+        if self.steps is not None or run.state is None:
+            return self.active(run.state)
+        return run.state.index >= run.store[self]["start"]
+
+    def _shares(self, call, st) -> bool:
+        """Whether this layer reads the source's keys: not a cross-attention layer read for MaskAuto's maps
+        and, where SynPS's measure reads every FLUX block, one of the sharing blocks."""
+        if call.layer.kind == "cross":
+            return False
+        run = call.run
+        if self._user_layers is not None or not self.pe_modulation or run.family != "flux":
+            return True  # the plan holds just the sharing layers (and the maps' cross-attention)
+        got = st.get("sharing")
+        if got is None or got[0] is not run.plan:  # once per plan (ac.attach plans again for a new grid)
+            mine = {name for name, entries in run.plan.items() if any(c is self for c, _ in entries)}
+            order = forward_order([lay for lay in list_layers(run.denoiser) if lay.name in mine and lay.has_part("self")])
+            got = st["sharing"] = (run.plan, frozenset(lay.name for lay in self.sharing_layers(order, "flux")))
+        return call.layer.name in got[1]
+
+    # ---- loop hooks ----------------------------------------------------------------------------
+    def loop_hooks(self) -> tuple[str, ...]:
+        """The loop hooks this control needs: `before_step` for one start noise (`same_noise`) or a real
+        source image; none with ``same_noise=False`` and a generated source (then it also runs under
+        `ac.attach` and in inference mode)."""
+        return ("before_step",) if self.same_noise or self.source_image is not None else ()
+
+    def implements(self, hook: str) -> bool:
+        """As `Control.implements`; a loop hook only if `loop_hooks` names it."""
+        if hook in _LOOP_HOOKS:
+            return hook in self.loop_hooks()
+        return super().implements(hook)
 
     # ---- run lifetime --------------------------------------------------------------------------
     def begin(self, run) -> None:
@@ -261,87 +274,56 @@ class MutualSelfAttention(Control):
         if self.source >= n:
             raise ValueError(f"{_NAME}: source={self.source} is outside the batch of {n} image(s) (indices 0..{n - 1})")
         flux = run.family == "flux"
-        if self._user_steps is None:
-            start = self.start_step if self.start_step is not None else (0 if flux else 4)
-            self.steps = (start, 1.0)
-        st: dict[str, Any] = {"rows": {}, "w": 1.0, "sum": None, "count": 0, "step": -1, "rope": {}, "cells": {},
-                              "maps": None, "auto": None}
+        st: dict[str, Any] = {"rows": {}, **SynPS.fresh(), "cells": {}, "maps": None, "auto": None,
+                              "start": self.start_step if self.start_step is not None else (0 if flux else 4)}
         if self.source_mask is not None:
-            sizes = [s for s in (pixel_size(run), tuple(run.grid)) if s is not None]
+            sizes = [s for s in (run.pixel_size, tuple(run.grid)) if s is not None]
             st["masks"] = (check_masks(self.source_mask, 1, sizes, "source_mask"), check_masks(self.target_mask, 1, sizes, "target_mask"))
         if self.mask_tokens is not None:
             st["tokens"] = self._resolve_tokens(run)
-        st["modulate"] = flux and self.pe_modulation and run.store.get("pipeline") is not None
+        st["modulate"] = flux and self.pe_modulation and bool(run.timesteps)  # ac.attach: plain mutual attention
         if self.source_image is not None:
             st["inverted"] = self._invert(run)
         run.store[self] = st
-        self._run_store = st
 
     def _resolve_tokens(self, run) -> list[list[int]]:
         """Token indices per image: the source's mask_tokens in its prompt, the target tokens in each target's."""
-        from ..tokens import joint_text_indices
-
-        pipe = run.store.get("pipeline")
-        if pipe is None or not run.prompts:
-            raise ValueError(f"{_NAME}: mask_tokens needs ControlledPipeline (the words are looked up in the prompts)")
-        per = max(run.layout.images // len(run.prompts), 1)
+        run.needs_text(f"{_NAME}(mask_tokens=)")
         out = []
         for img in range(run.layout.images):
-            prompt = run.prompts[min(img // per, len(run.prompts) - 1)]
             words = self.mask_tokens if img == self.source else (self.target_mask_tokens or self.mask_tokens)
             idx: list[int] = []
             for w in words:
-                idx += [i for i in joint_text_indices(pipe.pipe, prompt, w, run.family) if i not in idx]
+                idx += [i for i in run.tokens(img, w) if i not in idx]
             out.append(idx)
         return out
 
     def _invert(self, run):
-        from ..inversion import ddim_invert
-
-        pipe = run.store.get("pipeline")
-        if pipe is None:
+        """The source image inverted to every timestep of the run (`run.invert`)."""
+        if run.invert is None:
             raise ValueError("source_image needs ControlledPipeline (the inverted latents enter its loop)")
         if run.family not in ("sd", "sdxl"):
             raise NotImplementedError(f"source_image (DDIM inversion) supports SD and SDXL, not {run.family}")
-        image = self.source_image
-        if isinstance(image, str):
-            from PIL import Image
-
-            image = Image.open(image).convert("RGB")
-        scheduler = pipe.pipe.scheduler
-        if type(scheduler).__name__ != "DDIMScheduler":
-            raise ValueError(
-                f"source_image: the inverted latents follow DDIM; this pipeline samples with {type(scheduler).__name__} "
-                "(set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config))"
-            )
-        timesteps = scheduler.timesteps
-        per = max(run.layout.images // max(len(run.prompts), 1), 1)
-        prompt = self.source_prompt or run.prompts[min(self.source // per, len(run.prompts) - 1)]
-        size = pixel_size(run)
-        res = ddim_invert(pipe, image, prompt, num_inference_steps=len(timesteps), guidance_scale=self.inversion_guidance,
-                          height=size[0], width=size[1])
-        if len(res.timesteps) != len(timesteps) or not torch.equal(res.timesteps.to(timesteps.device, timesteps.dtype), timesteps):
-            raise ValueError(
-                "source_image: the run's scheduler timesteps differ from DDIM's; use a DDIMScheduler "
-                "(pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config))"
-            )
-        return res
+        image = open_image(self.source_image, what="source image")
+        prompt = self.source_prompt or run.prompt_of(self.source)
+        h, w = run.pixel_size
+        return run.invert(image, prompt, guidance_scale=self.inversion_guidance, height=h, width=w)
 
     def end(self, run) -> None:
         run.store.pop(self, None)
-        self._run_store = None
 
     # ---- start latents -------------------------------------------------------------------------
-    def before_step(self, latents, state, denoise):
-        """Step 0: every row starts from the source's latents (or z_T); the inverted source row is pinned."""
-        st = self._run_store
+    def before_step(self, run, latents, denoise):
+        """Step 0: every row starts from the source's latents (or the inverted ones); the inverted source
+        row is pinned to the trajectory (`at_step(i)`: the latents at the run's i-th timestep)."""
+        st, index = run.store.get(self), run.state.index
         inverted = None if st is None else st.get("inverted")
-        if state.index == 0 and self.same_noise and latents.shape[0] > 1:
+        if index == 0 and self.same_noise and latents.shape[0] > 1:
             start = latents[self.source] if inverted is None else inverted.at_step(0)[0]
             latents = start.to(latents.device, latents.dtype).expand_as(latents).clone()
-        if inverted is not None and (self.pin_source or state.index == 0):
+        if inverted is not None and (self.pin_source or index == 0):
             latents = latents.clone()
-            latents[self.source] = inverted.at_step(state.index)[0].to(latents.device, latents.dtype)
+            latents[self.source] = inverted.at_step(index)[0].to(latents.device, latents.dtype)
         return latents
 
     # ---- attention -----------------------------------------------------------------------------
@@ -365,43 +347,14 @@ class MutualSelfAttention(Control):
             got = st["rows"][key] = {"src": idx.to(dev), "target": target.to(dev), "t": t.to(dev), "img": (t % layout.images).to(dev)}
         return got
 
-    def _new_step(self, call, st) -> None:
-        """At a step's first call: the measure of the previous step gives this step's weight w."""
-        index = call.run.state.index if call.run.state is not None else 0
-        if st["step"] == index:
-            return
-        st["step"] = index
-        if st["count"]:
-            m = st["sum"] / st["count"]
-            st["w"] = ((self.pe_max - m) / (self.pe_max - self.pe_min)).clamp(0.0, 1.0)
-        st["sum"], st["count"], st["rope"] = None, 0, {}
-
-    def _cross_rope(self, call, st, w):
-        """(cos, sin) of FLUX's RoPE at positions ``ids·w`` (text ids are 0: text is never rotated)."""
-        key = (call.q.shape[2], call.q_image.start)
-        got = st["rope"].get(key)
-        if got is None:
-            h, wd = call.grid
-            n_txt = call.q_image.start
-            ids = torch.zeros(n_txt + h * wd, 3, device=call.q.device)
-            ids[n_txt:, 1] = torch.arange(h, device=call.q.device).repeat_interleave(wd).float()
-            ids[n_txt:, 2] = torch.arange(wd, device=call.q.device).repeat(h).float()
-            pos = call.run.store["pipeline"].denoiser.pos_embed
-            cos, sin = pos(ids * w)
-            got = st["rope"][key] = (cos.to(call.q.device), sin.to(call.q.device))
-        return got
-
-    def _shares(self, call) -> bool:
-        return self._names is None or call.layer.name in self._names
-
     def qkv(self, call) -> None:
         rows = self._rows(call)
         if rows is None:
             return
         st = call.run.store[self]
         if st["modulate"]:
-            self._new_step(call, st)
-        if not self._shares(call):
+            self.synps.new_step(st, _index(call.run))
+        if not self._shares(call, st):
             return  # a layer read only for SynPS's measure or MaskAuto's maps
         idx = rows["src"]
         ki = call.k_image
@@ -411,28 +364,19 @@ class MutualSelfAttention(Control):
             k, v = call.k.clone(), call.v.clone()
             k[:, :, ki], v[:, :, ki] = call.k[idx][:, :, ki], call.v[idx][:, :, ki]
             call.k, call.v = k, v
-        rope = call.extras.get("rope")
-        w = st["w"]
-        if st["modulate"] and rope is not None and not (isinstance(w, float) and w == 1.0):
-            cos, sin = rope
-            cc, sc = self._cross_rope(call, st, w)
-            t = rows["t"]
-
-            def move(x):
-                return rotate(rotate(x, cos, -sin), cc, sc)
-
-            q, k = call.q.clone(), call.k.clone()
-            q[t], k[t] = move(call.q[t]), move(call.k[t])
-            call.q, call.k = q, k
+        if st["modulate"]:
+            self.synps.reposition(call, st, rows["t"])
 
     # ---- MaskAuto: maps from cross-attention -----------------------------------------------------
     def needs_probs(self, call) -> bool:
-        return call.layer.name in self._readers and call.run.layout.has("cond") and not torch.is_grad_enabled()
+        # the plan's cross-attention layers are the ones `narrow_layers` kept for the maps
+        reads = self.mask_tokens is not None and call.layer.kind == "cross"
+        return reads and call.run.layout.has("cond") and not torch.is_grad_enabled()
 
     def probs(self, call, p: torch.Tensor) -> torch.Tensor:
         """Add this layer's head-averaged maps of the chosen tokens (conditional rows) to the step's sum."""
         st = call.run.store[self]
-        index = call.run.state.index if call.run.state is not None else 0
+        index = _index(call.run)
         block = p[call.run.layout.rows("cond"), :, call.q_image, call.k_text].float().mean(dim=1)  # (images, L, T)
         sel = st.get("select")
         if sel is None or sel.shape[-1] != block.shape[-1]:
@@ -454,7 +398,7 @@ class MutualSelfAttention(Control):
     def _auto_cells(self, call, st):
         """(source key mask (L,), target blend masks (images, L)) at this layer from this step's maps, or None."""
         acc = st["maps"]
-        index = call.run.state.index if call.run.state is not None else 0
+        index = _index(call.run)
         if acc is None or acc["step"] != index:
             return None  # no map of this step yet: plain mutual attention, as the reference
         key = (index, acc["count"], tuple(call.grid))
@@ -480,15 +424,15 @@ class MutualSelfAttention(Control):
         if rows is None:
             return o
         st = call.run.store[self]
-        if self._shares(call):
-            if "masks" in st:
+        if "masks" in st:
+            if self._shares(call, st):
                 o = self._masked(call, o, rows, self._cells(call, st))
-            elif self.mask_tokens is not None and call.k_text is None:
-                cells = self._auto_cells(call, st)
-                if cells is not None:
-                    o = self._masked(call, o, rows, cells)
+        elif self.mask_tokens is not None and call.k_text is None and self._shares(call, st):
+            cells = self._auto_cells(call, st)
+            if cells is not None:
+                o = self._masked(call, o, rows, cells)
         if st["modulate"] and call.q_text is not None and call.run.layout.has("cond"):
-            self._measure(call, st, o, rows["src"], rows["target"])
+            self.synps.measure(call, st, o, rows["src"], rows["target"])
         return o
 
     def _masked(self, call, o, rows, cells):
@@ -513,31 +457,12 @@ class MutualSelfAttention(Control):
         o[t, :, qi] = torch.where(both, blended, o[t][:, :, qi])
         return o
 
-    def _measure(self, call, st, o, idx, target) -> None:
-        """SynPS's editing measure on this block: cos(O_s, O_t) over image tokens / over text tokens."""
-        cond = call.run.layout.rows("cond")
-        t = target[cond].nonzero().flatten() + cond.start
-        if t.numel() == 0:
-            return
-        s = idx[t]
-        qi, qt = call.q_image, call.q_text
-        a, b = o[s].float(), o[t].float()
-
-        def cos(x, y):
-            x, y = x.flatten(1), y.flatten(1)
-            return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + 1e-8)
-
-        ratio = cos(a[:, :, qi], b[:, :, qi]) / (cos(a[:, :, qt], b[:, :, qt]) + 1e-8)
-        total = ratio.mean()
-        st["sum"] = total if st["sum"] is None else st["sum"] + total
-        st["count"] += 1
-
     def __repr__(self) -> str:
         return (f"MutualSelfAttention(source={self.source}, start_step={self.start_step}, start_layer={self.start_layer}, "
                 f"layers={self._user_layers!r}, steps={self.steps!r}, same_noise={self.same_noise}, mask_tokens={self.mask_tokens!r})")
 
 
-class _NoLatentHookMutual(MutualSelfAttention):
-    """`MutualSelfAttention(same_noise=False)` with a generated source: no loop hook (works with `ac.attach`)."""
 
-    before_step = Control.before_step
+def _index(run) -> int:
+    """The run's step index (0 before the first step)."""
+    return run.state.index if run.state is not None else 0

@@ -16,8 +16,9 @@ before (an additive mask on that branch); text queries are unchanged.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class HeadPerturbation(Control):
         steps: (start, stop) steps where guidance applies (ints or fractions).
     """
 
-    name = "perturbation"
+    name = "heads"
     default_layers = "self"
 
     def __init__(
@@ -104,7 +105,7 @@ class HeadPerturbation(Control):
         if bad:
             raise ValueError(f"{type(self).__name__} perturbs self-attention; not self-attention: {', '.join(bad)}")
 
-    def branches(self):
+    def branches(self, run):
         return ("perturbed",) if self.scale > 0 else ()
 
     # ---- attention -----------------------------------------------------------------------------
@@ -153,7 +154,8 @@ class HeadPerturbation(Control):
             return self.scale
         return max(0.0, self.scale - self.adaptive_scale * (1000 - timestep))
 
-    def combine(self, preds, state, guided):
+    def combine(self, run, preds, guided):
+        state = run.state
         if "perturbed" not in preds or not self.active(state):
             return guided
         return guided + self.scale_at(state.timestep) * (preds["cond"] - preds["perturbed"])

@@ -32,13 +32,14 @@ The reference row's output is bit-identical to a run without the control: `out` 
 with SDPA over its own keys, as the stock layer does (the batched call would give it the same
 values only up to float rounding).
 
-Reference from a real image: ``reference_image=`` DDIM-inverts it (`attnctrl.inversion.invert_trajectory`,
-guidance ``inversion_guidance``) with the reference row's prompt (or ``reference_prompt``) to every
-timestep of the run, whatever its variance-preserving scheduler (PNDM repeats a timestep; the
-inversion still steps between DDIM timesteps with DDIM's ᾱ), and before every step replaces the
-reference row's latents with the inverted latents `inverted_index` picks (the official
-``make_inversion_callback(zts, offset)``). The reference row is the batch row ``reference``: put
-the reference image's prompt at that place in the prompt list.
+Reference from a real image: ``reference_image=`` DDIM-inverts it with the run's ``run.invert``
+(`attnctrl.inversion.invert_trajectory` on the run's pipeline and timesteps, guidance
+``inversion_guidance``; the same inversion as `MutualSelfAttention(source_image=)`) with the reference
+row's prompt (or ``reference_prompt``) to every timestep of the run, whatever its variance-preserving
+scheduler (PNDM repeats a timestep; the inversion still steps between DDIM timesteps with DDIM's ᾱ),
+and before every step replaces the reference row's latents with the inverted latents
+`inverted_index` picks (the official ``make_inversion_callback(zts, offset)``). The reference row is
+the batch row ``reference``: put the reference image's prompt at that place in the prompt list.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 
 from ..control import Control
 from ..images import open_image
+from ..rope import rotate
 from ..selectors import SelectorLike
 
 _EPS = 1e-5  # the official calc_mean_std's eps
@@ -184,8 +186,8 @@ class SharedAttention(Control):
 
     # ---- lifetime ------------------------------------------------------------------------------
     def begin(self, run) -> None:
-        pipeline = run.store.get("pipeline")
-        if pipeline is not None:  # under ac.attach the batch is only known at the first denoiser call
+        in_loop = bool(run.timesteps)  # a ControlledPipeline run; ac.attach knows neither timesteps nor batch here
+        if in_loop:
             self._check_reference(run.layout.images)
         elif run.family == "flux" or self.reference_image is not None or self.shared_norms:
             raise NotImplementedError(
@@ -197,24 +199,20 @@ class SharedAttention(Control):
             scale = ALIGNED_GEN_KEY_SCALE if run.family == "flux" else 1.0
         store: dict = {"rows": {}, "bias": {}, "hooks": [], "scale": scale}
         run.store[self] = store
-        if run.family == "flux" and pipeline is not None:
-            pos_embed = pipeline.denoiser.pos_embed
-            device = next(pipeline.denoiser.parameters()).device
+        if run.family == "flux":
+            denoiser = run.denoiser
+            device = next(denoiser.parameters()).device
             ids = torch.tensor([[0.0, 0.0, float(run.grid[1])]], device=device)
-            store["shift"] = pos_embed(ids)  # rotation by Δ = (0, 0, w): ShiftPE
+            store["shift"] = denoiser.pos_embed(ids)  # rotation by Δ = (0, 0, w): ShiftPE
         if self.reference_image is not None:
-            store["trajectory"] = self._invert(run, pipeline)
+            store["trajectory"] = self._invert(run)
             store["step_values"] = [float(t) for t in store["trajectory"].timesteps.tolist()]  # no syncs in the loop
-            self._store = store  # before_step gets no run
         if self.shared_norms:
             if run.family not in ("sd", "sdxl"):
                 raise ValueError(f"shared_norms shares UNet GroupNorm statistics; {run.family} has no GroupNorm layers")
-            if pipeline is None:
-                raise ValueError("shared_norms needs a ControlledPipeline run")
-            self._install_norm_hooks(run, pipeline.denoiser, store)
+            self._install_norm_hooks(run, run.denoiser, store)
 
     def end(self, run) -> None:
-        self._store = None
         store = run.store.pop(self, None)
         if store:
             for handle in store["hooks"]:
@@ -260,10 +258,10 @@ class SharedAttention(Control):
             part, ref = x[targets][:, :, img], x[tref][:, :, img]
             if rope is not None:  # AdaIN acts before RoPE (AlignedGen): undo the rotation, then redo it
                 cos, sin = rope[0][img], rope[1][img]
-                part, ref = _rotate(part, cos, -sin), _rotate(ref, cos, -sin)
+                part, ref = rotate(part, cos, -sin), rotate(ref, cos, -sin)
             new = adain(part, ref)
             if rope is not None:
-                new = _rotate(new, cos, sin)
+                new = rotate(new, cos, sin)
             out = x.clone()
             out[targets, :, img] = new
             return out
@@ -279,7 +277,7 @@ class SharedAttention(Control):
         v_ref = call.v[ref_of][:, :, ki]
         shift = call.run.store[self].get("shift")
         if shift is not None:  # ShiftPE: the reference's keys sit beside the target along x
-            k_ref = _rotate(k_ref, shift[0], shift[1])
+            k_ref = rotate(k_ref, shift[0], shift[1])
         scale = call.run.store[self]["scale"]
         if scale != 1.0:
             k_ref = k_ref.clone()
@@ -362,31 +360,25 @@ class SharedAttention(Control):
         return ok
 
     # ---- reference image -----------------------------------------------------------------------
-    def _invert(self, run, pipeline):
-        from ..inversion import invert_trajectory
-
+    def _invert(self, run):
+        """The reference image inverted to every timestep of the run (`run.invert`, guidance ``inversion_guidance``)."""
         if run.family not in ("sd", "sdxl"):
             raise NotImplementedError(f"SharedAttention(reference_image=...) supports SD and SDXL; not {run.family}")
-        if pipeline is None:
-            raise ValueError("reference_image needs a ControlledPipeline run")
-        pipe = pipeline.pipe
-        timesteps = pipe.scheduler.timesteps  # the run's, as the loop steps through them (set by the adapter)
-        if self.inversion_offset >= len(timesteps):
+        if run.invert is None:
+            raise ValueError("reference_image needs a ControlledPipeline run (ac.attach cannot invert an image)")
+        steps = len(run.timesteps)
+        if self.inversion_offset >= steps:
             raise ValueError(
-                f"inversion_offset={self.inversion_offset} but the run has {len(timesteps)} scheduler steps; "
-                f"give an offset below {len(timesteps)}"
+                f"inversion_offset={self.inversion_offset} but the run has {steps} scheduler steps; "
+                f"give an offset below {steps}"
             )
-        prompt = self.reference_prompt
-        if prompt is None:
-            per_prompt = max(run.layout.images // max(len(run.prompts), 1), 1)
-            prompt = run.prompts[self.reference // per_prompt]
-        h, w = run.grid
-        return invert_trajectory(pipe, self.reference_image, prompt, timesteps, guidance_scale=self.inversion_guidance,
-                                 height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+        prompt = self.reference_prompt if self.reference_prompt is not None else run.prompt_of(self.reference)
+        h, w = run.pixel_size
+        return run.invert(self.reference_image, prompt, guidance_scale=self.inversion_guidance, height=h, width=w)
 
-    def before_step(self, latents, state, denoise):
+    def before_step(self, run, latents, denoise):
         """With a reference image: the reference row takes the inverted latents of `inverted_index`."""
-        store = self._store
+        store, state = run.store.get(self), run.state
         if store is None or "trajectory" not in store or latents.shape[0] <= self.reference:
             return latents
         traj, values = store["trajectory"], store["step_values"]
@@ -399,8 +391,6 @@ class SharedAttention(Control):
         latents = latents.clone()
         latents[self.reference] = traj.at_step(k)[0].to(latents.device, latents.dtype)
         return latents
-
-    _store = None  # this run's store (set in begin, cleared in end): before_step has no run
 
     # ---- shared GroupNorm ----------------------------------------------------------------------
     def _install_norm_hooks(self, run, denoiser, store) -> None:
@@ -426,13 +416,6 @@ class SharedAttention(Control):
         img = "" if self.reference_image is None else ", reference_image=<image>"
         return (f"SharedAttention(reference={self.reference}, shared_scale={self.shared_scale}, "
                 f"score_shift={self.score_shift}, layers={self.layers!r}, steps={self.steps!r}{img})")
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE rotation of (B, H, L, D) `x` by (cos, sin) of shape (L, D) or (1, D): FLUX's interleaved pairs."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    return apply_rotary_emb(x, (cos, sin), sequence_dim=2)
 
 
 __all__ = ["SharedAttention", "adain", "inverted_index"]
