@@ -12,7 +12,7 @@ class CompositionError(ValueError):
     """Two controls that cannot share a layer were put on the same one."""
 
 
-def check_controls(controls: Sequence[Control] | None) -> list[Control]:
+def check_controls(controls: Sequence[Control] | Control | None) -> list[Control]:
     """Validate the `controls=` argument: a list of `Control` instances (None → empty)."""
     if controls is None:
         return []

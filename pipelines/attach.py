@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from attnctrl.control import Control
-from attnctrl.layers import list_layers
+from attnctrl.layers import LayerInfo, list_layers
 from attnctrl.models.loading import family_of
 from attnctrl.plan import build_plan, check_controls
 from attnctrl.processors.install import installed
@@ -49,11 +49,11 @@ class AttachSession:
 
 def _grid(family: str, pipe, x: torch.Tensor, kwargs: dict) -> tuple[int, int]:
     if family in ("sd", "sdxl"):
-        return tuple(x.shape[-2:])
+        return int(x.shape[-2]), int(x.shape[-1])
     if family == "sd3":
         p = pipe.transformer.config.patch_size
         return x.shape[-2] // p, x.shape[-1] // p
-    ids = kwargs.get("img_ids")
+    ids = kwargs["img_ids"]
     return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
 
@@ -74,7 +74,7 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
     denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     layers = list_layers(denoiser)
     # every layer a selector can pick at some size (res= is decided per call)
-    candidates: dict[str, object] = {}
+    candidates: dict[str, LayerInfo] = {}
     for c in controls:
         sels = as_selectors(c.layers)
         ignore_res = [replace(s, res=frozenset()) for s in sels]

@@ -79,6 +79,9 @@ class ControlledPipeline:
     controls the result equals the stock pipeline's for the same generator.
     """
 
+    pipe: Any
+    defaults: dict
+
     def __init__(self, pipe, defaults: dict | None = None):
         if isinstance(pipe, ControlledPipeline):
             defaults = {**pipe.defaults, **(defaults or {})}
@@ -161,7 +164,7 @@ class ControlledPipeline:
         return kw
 
     def __call__(self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs):
-        controls = check_controls(controls)
+        chosen = check_controls(controls)
         kw = self._arguments(prompt, seed, kwargs)
         output_type = kw.pop("output_type") or "pil"
         return_dict = kw.pop("return_dict")
@@ -170,27 +173,27 @@ class ControlledPipeline:
 
         pipe = self.pipe
         layers = self.layers()
-        grad_needed = any(c.implements("before_step") for c in controls)
+        grad_needed = any(c.implements("before_step") for c in chosen)
         with torch.no_grad() if grad_needed else torch.inference_mode():
             prep = self.adapter.prepare(pipe, kw)
             run = RunContext(
                 family=self.family, layout=BatchLayout.build(prep.images, prep.cfg), grid=prep.grid,
                 text_len=prep.text_len, prompts=prep.prompts,
             )
-            run.plan = build_plan(controls, layers, prep.grid)
+            run.plan = build_plan(chosen, layers, prep.grid)
             t5_length = kw.get("max_sequence_length") if self.family in ("sd3", "flux") else None
             set_run_facts(run, pipe, self.denoiser, self.adapter, t5_length, prep.timesteps)
             run.store["pipeline"] = self
             planned = [layer for layer in layers if layer.name in run.plan]
             started = []
             try:
-                for c in controls:
+                for c in chosen:
                     c.begin(run)
                     started.append(c)
                 with installed(self.denoiser, run, planned):
-                    latents = denoise_loop(pipe, self.adapter, prep, run, controls, callback, callback_inputs)
+                    latents = denoise_loop(pipe, self.adapter, prep, run, chosen, callback, callback_inputs)
                 images, nsfw = self.adapter.decode(pipe, prep, latents, output_type)
-                results = {c.result_key: c.result(run) for c in controls if c.result_key}
+                results = {c.result_key: c.result(run) for c in chosen if c.result_key}
             finally:
                 for c in started:
                     c.end(run)

@@ -77,6 +77,7 @@ def denoise_loop(
         """Conditional prediction for latents `x` at the current step (used by latent updates)."""
         run.layout = cond_layout
         try:
+            assert run.state is not None  # the loop sets it before any latent update
             t = timesteps[run.state.index]
             return adapter.predict(pipe, adapter.model_input(pipe, x, t), t, prep.cond, prep.shared)
         finally:

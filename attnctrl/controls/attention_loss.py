@@ -19,7 +19,7 @@ What one run needs (the resolved subjects, the maps being summed, the previous s
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,7 +97,7 @@ class AttentionLossControl(Control):
         steps: tuple[float, float] | None = (0.0, 0.5),
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
-        refinement: dict[int, float | None] | None = None,
+        refinement: Mapping[int, float | None] | None = None,
         max_refinement: int = 20,
         softmax_scale: float | None = 100.0,
         smoothing: bool = True,
@@ -112,7 +112,7 @@ class AttentionLossControl(Control):
         if max_refinement < 0:
             raise ValueError(f"max_refinement must be >= 0, got {max_refinement}")
         self.resolution = resolution
-        self.optimizer = LatentOptimizer(scale_factor, tuple(scale_range), dict(refinement or {}), max_refinement)
+        self.optimizer = LatentOptimizer(scale_factor, (float(scale_range[0]), float(scale_range[1])), dict(refinement or {}), max_refinement)
         self.softmax_scale = softmax_scale
         self.smoothing = smoothing
         self.kernel_size = kernel_size

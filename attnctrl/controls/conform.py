@@ -1,6 +1,7 @@
 """`Conform`: CONFORM, contrast is all you need (Meral et al., CVPR 2024)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -93,7 +94,7 @@ class Conform(AttentionLossControl):
         smoothing: bool = True,
         kernel_size: int = 3,
         sigma: float = 0.5,
-        refinement_steps: list[int] = CONFORM_REFINEMENT,
+        refinement_steps: Sequence[int] = CONFORM_REFINEMENT,
         max_refinement: int = 20,
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),

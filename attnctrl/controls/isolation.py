@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -322,7 +323,7 @@ class IsolationReposition(Control):
             both = ((masks > 0.5).sum(0) > 1).nonzero()
             if len(both):
                 raise ValueError(f"masks overlap (e.g. at pixel {tuple(both[0].tolist())}); isolated subjects need disjoint masks")
-        st = {
+        st: dict[str, Any] = {
             "targets": [i for i in range(n_img) if i not in refs], "boxes": boxes, "ref_boxes": ref_boxes,
             "masks": masks, "ref_masks": ref_masks, "maps": {}, "auto": None, "cache": {}, "mutual": {},
             "applies": {}, "tokens": None, "keep": {}, "share": None,
@@ -339,7 +340,7 @@ class IsolationReposition(Control):
             if img in targets:
                 want = range(len(self.subjects)) if self._auto_targets else []
             else:
-                want = [self.references.index(img)] if self._auto_refs else []
+                want = [self.references.index(img)] if self._auto_refs and self.references is not None else []
             row = [None] * len(self.subjects)
             for i in want:
                 row[i] = run.tokens(img, self.subjects[i])
@@ -415,7 +416,7 @@ class IsolationReposition(Control):
             return box_cells(st["ref_boxes"][i], grid)
         if st["ref_masks"] is not None:
             return mask_cells(st["ref_masks"][i : i + 1], grid, exclusive=False)[0]
-        if auto is None:
+        if auto is None or self.references is None:
             return None
         return mask_cells(auto[self.references[i], i : i + 1], grid, exclusive=False)[0]
 

@@ -14,7 +14,7 @@ import torch
 
 from ..control import Control
 from ..maps import AttentionMapResult
-from ..selectors import SelectorLike
+from ..selectors import Selector, SelectorLike
 
 
 class AttentionMaps(Control):
@@ -41,7 +41,7 @@ class AttentionMaps(Control):
         if resolutions is not None:
             res = "|".join(str(int(r)) for r in ([resolutions] if isinstance(resolutions, int) else resolutions))
             base = layers if layers is not None else self.default_layers
-            base = [base] if isinstance(base, str) else list(base)
+            base = [base] if isinstance(base, (str, Selector)) else list(base)
             layers = [f"{b},res={res}" for b in base]
         super().__init__(layers=layers, steps=steps)
         self.resolutions = resolutions

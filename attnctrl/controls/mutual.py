@@ -293,7 +293,7 @@ class MutualSelfAttention(Control):
         for img in range(run.layout.images):
             words = self.mask_tokens if img == self.source else (self.target_mask_tokens or self.mask_tokens)
             idx: list[int] = []
-            for w in words:
+            for w in words or ():
                 idx += [i for i in run.tokens(img, w) if i not in idx]
             out.append(idx)
         return out

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..control import Control
-from ..selectors import SelectorLike
+from ..selectors import Selector, SelectorLike
 
 HeadSpec = Union[str, Path, SelectorLike, Sequence[tuple], dict]
 KINDS = ("identity", "uniform")
@@ -37,25 +37,26 @@ def head_selectors(heads: HeadSpec) -> list[str]:
     ``{layer name: [heads]}``, or the path of a JSON file holding either of the last two
     (as written by ``attnctrl heads search``: ``{"heads": [[layer, head], ...]}``).
     """
-    if isinstance(heads, Path) or (isinstance(heads, str) and heads.endswith(".json")):
-        path = Path(heads)
+    spec: Any = heads
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json")):
+        path = Path(spec)
         if not path.is_file():
             raise ValueError(f"head file {str(path)!r} does not exist")
         data = json.loads(path.read_text())
-        heads = data.get("heads", data) if isinstance(data, dict) else data
-        if isinstance(heads, list):
-            heads = [tuple(h) for h in heads]
-    if isinstance(heads, str):
-        heads = [heads]
-    if isinstance(heads, dict):
-        heads = [(layer, h) for layer, hs in heads.items() for h in ([hs] if isinstance(hs, int) else hs)]
-    heads = list(heads)
-    if not heads:
+        spec = data.get("heads", data) if isinstance(data, dict) else data
+        if isinstance(spec, list):
+            spec = [tuple(h) for h in spec]
+    if isinstance(spec, (str, Selector)):
+        spec = [spec]
+    if isinstance(spec, dict):
+        spec = [(layer, h) for layer, hs in spec.items() for h in ([hs] if isinstance(hs, int) else hs)]
+    items = list(spec)
+    if not items:
         raise ValueError("no heads given to perturb")
-    if all(isinstance(h, str) for h in heads):  # selectors: only their self-attention layers
-        return [f"{h},self" for h in heads]
+    if all(isinstance(h, str) for h in items):  # selectors: only their self-attention layers
+        return [f"{h},self" for h in items]
     grouped: dict[str, set[int]] = {}
-    for item in heads:
+    for item in items:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
             raise ValueError(f"expected (layer name, head index) pairs, got {item!r}")
         if item[1] < 0:
@@ -198,7 +199,7 @@ class PAG(HeadPerturbation):
     ):
         if match not in self.MATCHES:
             raise ValueError(f"match must be one of {self.MATCHES}, got {match!r}")
-        items = [layers] if isinstance(layers, str) else list(layers)
+        items = [layers] if isinstance(layers, (str, Selector)) else list(layers)
         if match == "diffusers":
             if not all(isinstance(item, str) for item in items):
                 raise ValueError("match='diffusers' takes layer paths as strings, as pag_applied_layers does")

@@ -322,7 +322,7 @@ def _signature(cls: type) -> list[tuple[inspect.Parameter, dict]]:
 def _doc_lines(cls: type) -> dict[str, str]:
     """``name: text`` entries of the ``Args:`` section of the class (or ``__init__``) docstring."""
     docs: dict[str, str] = {}
-    for doc in (inspect.getdoc(cls.__init__) or "", inspect.getdoc(cls) or ""):
+    for doc in (inspect.getdoc(vars(cls).get("__init__")) or "", inspect.getdoc(cls) or ""):
         current, indent, in_args = None, None, False
         for line in doc.splitlines():
             stripped = line.strip()

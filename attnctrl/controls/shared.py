@@ -163,7 +163,7 @@ class SharedAttention(Control):
         every step (``timesteps=(0, 30)`` step indices in a 30-step run), AdaIN on q and k, no score
         shift, the reference masked from the shared keys (``constrain_first``). These are also the
         FLUX defaults of `SharedAttention()`; this preset pins them for any model with single blocks."""
-        kw = {"layers": "single", "shared_scale": ALIGNED_GEN_KEY_SCALE, "adain_queries": True, "adain_keys": True,
+        kw: dict[str, Any] = {"layers": "single", "shared_scale": ALIGNED_GEN_KEY_SCALE, "adain_queries": True, "adain_keys": True,
               "adain_values": False, "score_shift": 0.0}
         kw.update(overrides)
         return cls(**kw)
@@ -324,7 +324,9 @@ class SharedAttention(Control):
         n_own, n_ref = sizes
         if call.k.shape[2] != n_own + n_ref or not self._exact_on(call):
             return o
-        refs = self._rows(call.run, call.q.device)["refs"]
+        rows = self._rows(call.run, call.q.device)
+        assert rows is not None  # sizes is set only when the reference is in the batch
+        refs = rows["refs"]
         mask = call.extras.get("shared_mask")
         if mask is not None and mask.dim() == 4 and mask.shape[0] == call.batch:
             mask = mask[refs]
@@ -345,8 +347,8 @@ class SharedAttention(Control):
         ok = cache.get(name)
         if ok is None:
             chain = [c for c, _ in call.run.plan.get(name, ())]
-            mine = next((i for i, c in enumerate(chain) if c is self), None)
-            ok = mine is not None
+            mine = next((i for i, c in enumerate(chain) if c is self), len(chain))
+            ok = mine < len(chain)
             for i, c in enumerate(chain):
                 if c is self:
                     continue
