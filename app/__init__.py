@@ -7,6 +7,7 @@ Panels are generated from the registered controls' parameter schemas (`attnctrl.
 the per-request work (model cache, fresh controls, runs, reproduction commands) is in
 `attnctrl.app.runner`, which does not need Gradio. See docs/app.md.
 """
+
 from __future__ import annotations
 
 __all__ = ["build_app", "launch"]

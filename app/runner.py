@@ -10,6 +10,7 @@
   `AttentionMaps` control (added when the user did not turn one on; it only observes, so the
   image is the same with or without it), and the exact command line and Python code of the run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -194,7 +195,9 @@ def layer_rows(pipe, selector: str | None, height: int | None = None, width: int
     return rows
 
 
-def heatmap_tiles(maps, images: Sequence[Image.Image], size: int = 192, alpha: float = 0.55) -> list[tuple[Image.Image, str]]:
+def heatmap_tiles(
+    maps, images: Sequence[Image.Image], size: int = 192, alpha: float = 0.55
+) -> list[tuple[Image.Image, str]]:
     """(overlay, caption) per word and image: the word's map (normalised, coloured) over the grey picture."""
     from attnctrl.maps import colorize
 
@@ -232,7 +235,11 @@ class Request:
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("the prompt is empty: type a text prompt describing the image")
-        for name, value, lo in (("seed", self.seed, 0), ("steps", self.steps, 1), ("number of images", self.num_images, 1)):
+        for name, value, lo in (
+            ("seed", self.seed, 0),
+            ("steps", self.steps, 1),
+            ("number of images", self.num_images, 1),
+        ):
             if value is None or float(value) != int(value) or int(value) < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         if not 0 <= int(self.seed) < 2**63:
@@ -243,14 +250,19 @@ class Request:
             raise ValueError("guidance scale is empty")
         for name, pixels in (("height", self.height), ("width", self.width)):
             if pixels is not None and (float(pixels) != int(pixels) or int(pixels) < 8):
-                raise ValueError(f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {pixels!r}")
+                raise ValueError(
+                    f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {pixels!r}"
+                )
         for name, _ in self.controls:
             if name not in CONTROLS:
                 raise ControlArgError(f"unknown control {name!r}; known controls: {', '.join(sorted(CONTROLS))}")
 
     def call_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"num_inference_steps": int(self.steps), "guidance_scale": float(self.guidance),
-                              "num_images_per_prompt": int(self.num_images)}
+        kw: dict[str, Any] = {
+            "num_inference_steps": int(self.steps),
+            "guidance_scale": float(self.guidance),
+            "num_images_per_prompt": int(self.num_images),
+        }
         if self.height is not None:
             kw["height"] = int(self.height)
         if self.width is not None:
@@ -281,8 +293,11 @@ class RunResult:
 
     def info(self) -> dict[str, Any]:
         return {
-            "model": self.model, "size": f"{self.size[0]}x{self.size[1]}", "latent_hash": self.latent_hash,
-            "baseline_latent_hash": self.baseline_hash, "image_hashes": self.image_hashes,
+            "model": self.model,
+            "size": f"{self.size[0]}x{self.size[1]}",
+            "latent_hash": self.latent_hash,
+            "baseline_latent_hash": self.baseline_hash,
+            "image_hashes": self.image_hashes,
             "seconds": round(self.seconds, 2),
         }
 
@@ -312,10 +327,18 @@ def cli_command(req: Request, size: tuple[int, int]) -> str:
 
     width, height = size
     params = {
-        "prompt": req.prompt, "model": model_key(req.model), "seed": int(req.seed), "steps": int(req.steps),
-        "guidance": float(req.guidance), "height": height, "width": width, "negative_prompt": req.negative or None,
+        "prompt": req.prompt,
+        "model": model_key(req.model),
+        "seed": int(req.seed),
+        "steps": int(req.steps),
+        "guidance": float(req.guidance),
+        "height": height,
+        "width": width,
+        "negative_prompt": req.negative or None,
         "num_images": int(req.num_images),
-        "controls": [{"name": name, "args": dict(item.split("=", 1) for item in items)} for name, items in req.controls],
+        "controls": [
+            {"name": name, "args": dict(item.split("=", 1) for item in items)} for name, items in req.controls
+        ],
     }
     argv = [PROG, *reproduce_argv(params)]
     if not req.user_maps:
@@ -337,18 +360,29 @@ def python_code(req: Request, size: tuple[int, int]) -> str:
         calls.append(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
     if not req.user_maps:
         calls.append("ac.AttentionMaps()")
-    args = [repr(req.prompt), f"seed={int(req.seed)}", f"num_inference_steps={int(req.steps)}",
-            f"guidance_scale={float(req.guidance)!r}", f"height={height}", f"width={width}"]
+    args = [
+        repr(req.prompt),
+        f"seed={int(req.seed)}",
+        f"num_inference_steps={int(req.steps)}",
+        f"guidance_scale={float(req.guidance)!r}",
+        f"height={height}",
+        f"width={width}",
+    ]
     if req.negative:
         args.append(f"negative_prompt={req.negative!r}")
     if req.num_images != 1:
         args.append(f"num_images_per_prompt={int(req.num_images)}")
     args.append("controls=[" + ", ".join(calls) + "]")
-    lines = ["import attnctrl as ac", *imports, "", f"pipe = ac.load({model_key(req.model)!r})",
-             "out = pipe(" + ",\n           ".join(args) + ")",
-             "for i, image in enumerate(out.images):",
-             "    image.save(f\"attnctrl_{i}.png\")",
-             "    out.maps.save(f\"attnctrl_{i}.maps.png\", i, image)"]
+    lines = [
+        "import attnctrl as ac",
+        *imports,
+        "",
+        f"pipe = ac.load({model_key(req.model)!r})",
+        "out = pipe(" + ",\n           ".join(args) + ")",
+        "for i, image in enumerate(out.images):",
+        '    image.save(f"attnctrl_{i}.png")',
+        '    out.maps.save(f"attnctrl_{i}.maps.png", i, image)',
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -373,13 +407,21 @@ def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, s
                 if progress is not None:
                     progress(offset + i + 1, total, f"{label}: step {i + 1}/{steps}")
                 return {}
+
             return cb
 
-        out = pipe(req.prompt, controls=controls, seed=int(req.seed), callback_on_step_end=callback(0, "with controls"), **kw)
+        out = pipe(
+            req.prompt, controls=controls, seed=int(req.seed), callback_on_step_end=callback(0, "with controls"), **kw
+        )
         images = list(out.images)
         if runs == 2:
-            base = pipe(req.prompt, controls=[], seed=int(req.seed),
-                        callback_on_step_end=callback(steps, "without controls"), **kw)
+            base = pipe(
+                req.prompt,
+                controls=[],
+                seed=int(req.seed),
+                callback_on_step_end=callback(steps, "without controls"),
+                **kw,
+            )
             baseline, base_hash = list(base.images), latent_hash(base.latents)
             note = ""
         else:
@@ -390,8 +432,16 @@ def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, s
         tiles = heatmap_tiles(out.maps, images)
     size = images[0].size
     return RunResult(
-        images=images, baseline=baseline, heatmaps=tiles, latent_hash=latent_hash(out.latents),
-        baseline_hash=base_hash, image_hashes=[image_hash(im) for im in images],
-        cli=cli_command(req, size), python=python_code(req, size), seconds=time.perf_counter() - t0,
-        model=key, size=size, note=note,
+        images=images,
+        baseline=baseline,
+        heatmaps=tiles,
+        latent_hash=latent_hash(out.latents),
+        baseline_hash=base_hash,
+        image_hashes=[image_hash(im) for im in images],
+        cli=cli_command(req, size),
+        python=python_code(req, size),
+        seconds=time.perf_counter() - t0,
+        model=key,
+        size=size,
+        note=note,
     )

@@ -17,6 +17,7 @@ by the word chips of the prompt. A field's value becomes a ``key=value`` string 
 from the default, so the same strings give the command line (``--control NAME key=value``) and the
 control instance (`parse_control`), and the app, the CLI and Python run the same thing.
 """
+
 from __future__ import annotations
 
 import re
@@ -116,8 +117,10 @@ class Field:
             if self.words:
                 sep = "groups separated by ';'" if self.joiner == ";" else "comma-separated"
                 hint = f"words of the prompt (pick them above), {sep}; 'word#2' = second occurrence"
-            empty = "required" if self.required else (
-                "empty = default" if self.default is not None else "empty = none (default)"
+            empty = (
+                "required"
+                if self.required
+                else ("empty = default" if self.default is not None else "empty = none (default)")
             )
             text = f"{text} [{hint}; {empty}]".strip()
         return text
@@ -139,7 +142,9 @@ class Field:
             text = "" if value is None else str(value).strip()
             if text == "" or text == self.initial():
                 if self.required and text == "":
-                    raise ControlArgError(f"control {self.control}: {self.name!r} is required ({self.doc or self.type})")
+                    raise ControlArgError(
+                        f"control {self.control}: {self.name!r} is required ({self.doc or self.type})"
+                    )
                 return None
             return f"{self.name}={text}"
         if self.kind == "bool":

@@ -3,6 +3,7 @@
 Nothing here knows any control: every panel comes from `attnctrl.app.schema.panels()`, built
 from `CONTROLS` when the app is built, so a control registered before launch gets its panel.
 """
+
 from __future__ import annotations
 
 import json
@@ -106,16 +107,24 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
             with gr.Column(scale=5, min_width=420):
                 with gr.Row():
                     model_box = gr.Textbox(
-                        value=default_model, label="model", scale=4, elem_id="model",
+                        value=default_model,
+                        label="model",
+                        scale=4,
+                        elem_id="model",
                         info="embedded name (tiny-sd, tiny-sdxl, ...), hub id org/name or local diffusers folder; "
-                             "loaded once and cached")
+                        "loaded once and cached",
+                    )
                     load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
                 model_status = gr.Markdown("", elem_id="model-status")
                 prompt = gr.Textbox(value=EXAMPLE_PROMPT, label="prompt", lines=2, elem_id="prompt")
                 chips = gr.CheckboxGroup(
-                    choices=word_choices(EXAMPLE_PROMPT), value=[], elem_id="words", label="words of the prompt",
+                    choices=word_choices(EXAMPLE_PROMPT),
+                    value=[],
+                    elem_id="words",
+                    label="words of the prompt",
                     info="select the words controls act on: they fill the word fields (tokens, phrases, groups) "
-                         "of the controls that are on")
+                    "of the controls that are on",
+                )
                 negative = gr.Textbox(value="", label="negative prompt", lines=1, elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", minimum=0)
@@ -125,15 +134,19 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                     height = gr.Number(value=0, precision=0, label="height (px, 0 = default)", elem_id="height")
                     width = gr.Number(value=0, precision=0, label="width (px, 0 = default)", elem_id="width")
                     num_images = gr.Number(value=1, precision=0, label="images", elem_id="num-images")
-                compare = gr.Checkbox(value=True, label="also run without controls (same seed), side by side",
-                                      elem_id="compare")
+                compare = gr.Checkbox(
+                    value=True, label="also run without controls (same seed), side by side", elem_id="compare"
+                )
 
-                gr.Markdown("### Controls\nEach panel is built from the control's constructor; help texts cite the "
-                            "paper. Switch on any number; they run in the order listed.")
+                gr.Markdown(
+                    "### Controls\nEach panel is built from the control's constructor; help texts cite the "
+                    "paper. Switch on any number; they run in the order listed."
+                )
                 widgets: list[tuple[Panel, Any, list]] = []
                 for panel in forms:
-                    with gr.Accordion(panel.title, open=False, elem_id=f"control-{panel.name}",
-                                      elem_classes=["control-panel"]):
+                    with gr.Accordion(
+                        panel.title, open=False, elem_id=f"control-{panel.name}", elem_classes=["control-panel"]
+                    ):
                         if panel.summary:
                             gr.Markdown(panel.summary)
                         enable = gr.Checkbox(value=False, label=f"use {panel.name}", elem_id=f"enable-{panel.name}")
@@ -142,31 +155,75 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
 
                 with gr.Accordion("Layer picker: which layers a selector matches", open=False, elem_id="layer-picker"):
                     selector = gr.Textbox(
-                        value="cross", label="layer selector", elem_id="selector",
+                        value="cross",
+                        label="layer selector",
+                        elem_id="selector",
                         info="terms joined by ',' must all hold (self, cross, down/mid/up, res=16, block=1, "
-                             "name=..., re=..., heads=0|3); several selectors separated by ';'")
+                        "name=..., re=..., heads=0|3); several selectors separated by ';'",
+                    )
                     show_layers = gr.Button("Show matching layers", elem_id="show-layers")
                     layers_status = gr.Markdown("", elem_id="layers-status")
-                    layers_table = gr.Dataframe(headers=["name", "kind", "place", "block", "resolution", "heads"],
-                                                value=None, interactive=False, elem_id="layers-table")
+                    layers_table = gr.Dataframe(
+                        headers=["name", "kind", "place", "block", "resolution", "heads"],
+                        value=None,
+                        interactive=False,
+                        elem_id="layers-table",
+                    )
 
             with gr.Column(scale=6, min_width=420):
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 runs = gr.State(0)  # this session's run counter, shown in the status line
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row():
-                    baseline_gallery = gr.Gallery(label="without controls", elem_id="baseline", columns=2, height=300,
-                                                  object_fit="contain", format="png")
-                    result_gallery = gr.Gallery(label="with controls", elem_id="result", columns=2, height=300,
-                                                object_fit="contain", format="png")
-                heat_gallery = gr.Gallery(label="attention maps per word (with controls)", elem_id="heatmaps",
-                                          columns=4, height=420, object_fit="contain", format="png")
-                run_info = gr.Textbox(label="run info (hash of the final latents: same seed + controls = same hash)",
-                                      elem_id="run-info", lines=2, interactive=False)
-                cli_box = gr.Code(label="copy as CLI command", language="shell", elem_id="cli-command",
-                                  interactive=False, buttons=["copy"], wrap_lines=True, lines=2, max_lines=6)
-                py_box = gr.Code(label="copy as Python", language="python", elem_id="python-code",
-                                 interactive=False, buttons=["copy"], lines=8, max_lines=24)
+                    baseline_gallery = gr.Gallery(
+                        label="without controls",
+                        elem_id="baseline",
+                        columns=2,
+                        height=300,
+                        object_fit="contain",
+                        format="png",
+                    )
+                    result_gallery = gr.Gallery(
+                        label="with controls",
+                        elem_id="result",
+                        columns=2,
+                        height=300,
+                        object_fit="contain",
+                        format="png",
+                    )
+                heat_gallery = gr.Gallery(
+                    label="attention maps per word (with controls)",
+                    elem_id="heatmaps",
+                    columns=4,
+                    height=420,
+                    object_fit="contain",
+                    format="png",
+                )
+                run_info = gr.Textbox(
+                    label="run info (hash of the final latents: same seed + controls = same hash)",
+                    elem_id="run-info",
+                    lines=2,
+                    interactive=False,
+                )
+                cli_box = gr.Code(
+                    label="copy as CLI command",
+                    language="shell",
+                    elem_id="cli-command",
+                    interactive=False,
+                    buttons=["copy"],
+                    wrap_lines=True,
+                    lines=2,
+                    max_lines=6,
+                )
+                py_box = gr.Code(
+                    label="copy as Python",
+                    language="python",
+                    elem_id="python-code",
+                    interactive=False,
+                    buttons=["copy"],
+                    lines=8,
+                    max_lines=24,
+                )
 
         # ---- words of the prompt ------------------------------------------------------------------
         def on_prompt(text, selected):
@@ -175,13 +232,19 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
 
         prompt.change(on_prompt, [prompt, chips], chips, queue=False)
 
-        word_targets = [(panel, enable, w, f) for panel, enable, fields in widgets
-                        for f, w in zip(panel.fields, fields) if f.words]
+        word_targets = [
+            (panel, enable, w, f) for panel, enable, fields in widgets for f, w in zip(panel.fields, fields) if f.words
+        ]
 
         if word_targets:
+
             def on_chips(selected, *enabled):
-                return _many([gr.update(value=f.fill(selected)) if on else gr.update()
-                              for (_, _, _, f), on in zip(word_targets, enabled)])
+                return _many(
+                    [
+                        gr.update(value=f.fill(selected)) if on else gr.update()
+                        for (_, _, _, f), on in zip(word_targets, enabled)
+                    ]
+                )
 
             chips.change(on_chips, [chips, *[t[1] for t in word_targets]], [t[2] for t in word_targets], queue=False)
 
@@ -191,8 +254,14 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                     continue
 
                 def on_enable(on, selected, *current, _own=own):
-                    return _many([gr.update(value=f.fill(selected)) if on and not (cur or "").strip() and selected
-                                  else gr.update() for (w, f), cur in zip(_own, current)])
+                    return _many(
+                        [
+                            gr.update(value=f.fill(selected))
+                            if on and not (cur or "").strip() and selected
+                            else gr.update()
+                            for (w, f), cur in zip(_own, current)
+                        ]
+                    )
 
                 enable.change(on_enable, [enable, chips, *[w for w, _ in own]], [w for w, _ in own], queue=False)
 
@@ -212,14 +281,28 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
             try:
                 with cache.use(name) as pipe:
                     rows = layer_rows(pipe, sel, int(h) if h else None, int(w) if w else None)
-                return f"{len(rows)} layer(s) match {sel.strip()!r}" if (sel or "").strip() else f"{len(rows)} layers", rows
+                return f"{len(rows)} layer(s) match {sel.strip()!r}" if (
+                    sel or ""
+                ).strip() else f"{len(rows)} layers", rows
             except Exception as err:
                 return _error(err), None
 
         show_layers.click(on_layers, [model_box, selector, height, width], [layers_status, layers_table])
 
         # ---- generate -----------------------------------------------------------------------------
-        inputs: set[Block] = {model_box, prompt, negative, seed, steps, guidance, height, width, num_images, compare, runs}
+        inputs: set[Block] = {
+            model_box,
+            prompt,
+            negative,
+            seed,
+            steps,
+            guidance,
+            height,
+            width,
+            num_images,
+            compare,
+            runs,
+        }
         for _, enable, fields in widgets:
             inputs.add(enable)
             inputs.update(fields)
@@ -233,34 +316,63 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                     if data[enable]:
                         chosen.append((panel.name, panel.items([data[w] for w in fields])))
                 req = Request(
-                    prompt=data[prompt] or "", model=data[model_box], negative=(data[negative] or "").strip() or None,
-                    seed=data[seed], steps=data[steps], guidance=data[guidance], height=data[height] or None,
-                    width=data[width] or None, num_images=data[num_images], controls=chosen, compare=bool(data[compare]),
+                    prompt=data[prompt] or "",
+                    model=data[model_box],
+                    negative=(data[negative] or "").strip() or None,
+                    seed=data[seed],
+                    steps=data[steps],
+                    guidance=data[guidance],
+                    height=data[height] or None,
+                    width=data[width] or None,
+                    num_images=data[num_images],
+                    controls=chosen,
+                    compare=bool(data[compare]),
                 )
                 progress((0, 1), desc="loading model")
                 res = run_request(req, cache, progress=lambda done, total, desc: progress((done, total), desc=desc))
             except Exception as err:
                 return f"Run {n} · {_error(err)}", n, None, None, None, "", "", ""
             names = ", ".join(n for n, _ in chosen) or "none (maps only)"
-            text = (f"Run {n} · Done in {res.seconds:.1f} s · model **{res.model}** · seed {int(req.seed)} · "
-                    f"{res.size[0]}x{res.size[1]} · controls: {names}")
+            text = (
+                f"Run {n} · Done in {res.seconds:.1f} s · model **{res.model}** · seed {int(req.seed)} · "
+                f"{res.size[0]}x{res.size[1]} · controls: {names}"
+            )
             if res.note:
                 text += f" · {res.note}"
             return (text, n, res.baseline, res.images, res.heatmaps, json.dumps(res.info()), res.cli, res.python)
 
         # the progress bar (one tick per denoising step) shows over the two pictures only
-        run_btn.click(on_generate, inputs, outputs, concurrency_id="generate",
-                      show_progress_on=[baseline_gallery, result_gallery])
+        run_btn.click(
+            on_generate, inputs, outputs, concurrency_id="generate", show_progress_on=[baseline_gallery, result_gallery]
+        )
     return demo
 
 
-def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
-           concurrency: int = 2, cache_size: int = 2, prevent_thread_lock: bool = False, quiet: bool = False):
+def launch(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    *,
+    concurrency: int = 2,
+    cache_size: int = 2,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
     """Build, queue and launch the app; returns the launched Blocks."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     demo = build_app(model, cache_size=cache_size)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                show_error=True, ssr_mode=False, quiet=quiet, theme=_theme(), css=_CSS)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=prevent_thread_lock,
+        show_error=True,
+        ssr_mode=False,
+        quiet=quiet,
+        theme=_theme(),
+        css=_CSS,
+    )
     return demo

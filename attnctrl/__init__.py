@@ -1,9 +1,10 @@
 """attnctrl: training-free attention control for diffusion models (SD, SDXL, SD3, FLUX).
 
-    import attnctrl as ac
-    pipe = ac.load("tiny-sd")
-    out = pipe("a red car and a white sheep", seed=0, controls=[ac.AttentionMaps()])
+import attnctrl as ac
+pipe = ac.load("tiny-sd")
+out = pipe("a red car and a white sheep", seed=0, controls=[ac.AttentionMaps()])
 """
+
 from .control import Control
 from .controls import (
     PAG,
@@ -51,6 +52,31 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "attach", "AttendExcite", "AStar", "Conform", "Control", "AttentionMaps", "AttentionModulation", "StructuredGuidance", "HeadPerturbation", "PAG", "SharedAttention", "IsolationReposition", "MutualSelfAttention", "ddim_invert", "invert_trajectory", "InversionResult", "AttentionMapResult", "ControlledPipeline", "ControlledOutput",
-    "LayerInfo", "Selector", "SelectorError", "CompositionError", "BatchLayout", "RunContext", "StepState",
+    "load",
+    "attach",
+    "AttendExcite",
+    "AStar",
+    "Conform",
+    "Control",
+    "AttentionMaps",
+    "AttentionModulation",
+    "StructuredGuidance",
+    "HeadPerturbation",
+    "PAG",
+    "SharedAttention",
+    "IsolationReposition",
+    "MutualSelfAttention",
+    "ddim_invert",
+    "invert_trajectory",
+    "InversionResult",
+    "AttentionMapResult",
+    "ControlledPipeline",
+    "ControlledOutput",
+    "LayerInfo",
+    "Selector",
+    "SelectorError",
+    "CompositionError",
+    "BatchLayout",
+    "RunContext",
+    "StepState",
 ]

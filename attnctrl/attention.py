@@ -6,6 +6,7 @@ q, k, v of shape (batch, heads, tokens, head_dim) and the slices telling which q
 are image and which are text, then calls `attend`. `attend` uses SDPA unless a control on the
 layer needs explicit probabilities (DESIGN rule 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,7 +71,9 @@ def _sdpa(call: AttentionCall, bias: torch.Tensor | None, skip: slice | None = N
     for rows in (slice(0, skip.start), slice(skip.stop, call.batch)):
         if rows.stop > rows.start:
             b = bias[rows] if bias is not None and bias.dim() == 4 and bias.shape[0] == call.batch else bias
-            out[rows] = F.scaled_dot_product_attention(call.q[rows], call.k[rows], call.v[rows], attn_mask=b, dropout_p=0.0, scale=scale)
+            out[rows] = F.scaled_dot_product_attention(
+                call.q[rows], call.k[rows], call.v[rows], attn_mask=b, dropout_p=0.0, scale=scale
+            )
     return out
 
 

@@ -23,6 +23,7 @@ Run lifetime:
 A control object is configuration; what one run needs lives on the run (``run.store[self]``),
 never on the control, so one control object serves any number of runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -1,4 +1,5 @@
 """Opening the images users give (a path or a PIL image), one way for the CLI, the app and the controls."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -17,6 +17,7 @@ pipeline's own ``encode_prompt`` (SDXL: with the size-conditioning ids the pipel
 variance-preserving scheduler (PNDM, DPM-Solver, ...), indexed by the run's steps: the one
 function a control uses to put a real image in a batch row (SharedAttention's ``reference_image``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,7 +93,10 @@ def _conditioning(pipe, family: str, prompt: str, cfg: bool, negative_prompt, si
         pe, npe = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         return {"encoder_hidden_states": pe}, ({"encoder_hidden_states": npe} if cfg else None)
     pe, npe, pooled, npooled = pipe.encode_prompt(
-        prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+        prompt=prompt,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
         negative_prompt=negative_prompt,
     )
     proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
@@ -111,7 +115,13 @@ def _ddim_up(z_s: torch.Tensor, eps: torch.Tensor, a_s: torch.Tensor, a_t: torch
 
 
 def _invert_steps(
-    pipe, family: str, latents: torch.Tensor, prompt: str, steps, guidance_scale: float, negative_prompt,
+    pipe,
+    family: str,
+    latents: torch.Tensor,
+    prompt: str,
+    steps,
+    guidance_scale: float,
+    negative_prompt,
     fixed_point_iterations: int,
 ) -> list[torch.Tensor]:
     """DDIM inversion steps ``[(t, ᾱ_s, ᾱ_t), ...]`` (ascending t) from clean `latents`: z after each step."""
@@ -123,11 +133,23 @@ def _invert_steps(
     cond, uncond = _conditioning(pipe, family, prompt, cfg, negative_prompt, size)
     unet = pipe.unet
     z = latents.to(device=unet.device, dtype=unet.dtype)
-    rows = cond if not cfg else {
-        "encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]]),
-        **({"added_cond_kwargs": {k: torch.cat([uncond["added_cond_kwargs"][k], cond["added_cond_kwargs"][k]])
-                                  for k in cond["added_cond_kwargs"]}} if "added_cond_kwargs" in cond else {}),
-    }
+    rows = (
+        cond
+        if not cfg
+        else {
+            "encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]]),
+            **(
+                {
+                    "added_cond_kwargs": {
+                        k: torch.cat([uncond["added_cond_kwargs"][k], cond["added_cond_kwargs"][k]])
+                        for k in cond["added_cond_kwargs"]
+                    }
+                }
+                if "added_cond_kwargs" in cond
+                else {}
+            ),
+        }
+    )
     out = []
     for t, a_s, a_t in steps:
         tt = torch.tensor(t, device=z.device)
@@ -156,8 +178,14 @@ def _final_alpha(sched) -> torch.Tensor:
 
 @torch.no_grad()
 def invert_latents(
-    pipe, latents: torch.Tensor, prompt: str, timesteps, guidance_scale: float = 1.0, negative_prompt=None,
-    scheduler=None, fixed_point_iterations: int = 0,
+    pipe,
+    latents: torch.Tensor,
+    prompt: str,
+    timesteps,
+    guidance_scale: float = 1.0,
+    negative_prompt=None,
+    scheduler=None,
+    fixed_point_iterations: int = 0,
 ) -> InversionResult:
     """DDIM-invert clean `latents` (1, C, h, w) along the descending DDIM generation `timesteps`
     (ᾱ from `scheduler`, default the pipeline's; each step goes up from t − T/N to t, T/N the DDIM
@@ -247,13 +275,16 @@ def invert_trajectory(
         latents = encode_image(pipe, image, height, width, generator=gen)
     alphas, final = ddim.alphas_cumprod, _final_alpha(ddim)
     up = sorted(set(values))
-    steps = [(t, (alphas[s] if s >= 0 else final).to(torch.float64), alphas[t].to(torch.float64))
-             for s, t in zip([-1, *up[:-1]], up)]
+    steps = [
+        (t, (alphas[s] if s >= 0 else final).to(torch.float64), alphas[t].to(torch.float64))
+        for s, t in zip([-1, *up[:-1]], up)
+    ]
     zs = _invert_steps(pipe, family, latents, prompt, steps, guidance_scale, negative_prompt, fixed_point_iterations)
     at = dict(zip(up, zs))
     z0 = latents.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    return InversionResult(latents_trajectory=[z0.clone(), *(at[t] for t in reversed(values))], timesteps=ts,
-                           prompt=prompt)
+    return InversionResult(
+        latents_trajectory=[z0.clone(), *(at[t] for t in reversed(values))], timesteps=ts, prompt=prompt
+    )
 
 
 @torch.no_grad()
@@ -301,5 +332,13 @@ def ddim_invert(
         latents = encode_image(pipe, image, height, width, generator=gen)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     ddim.set_timesteps(num_inference_steps)
-    return invert_latents(pipe, latents, prompt, ddim.timesteps, guidance_scale, negative_prompt, scheduler=ddim,
-                          fixed_point_iterations=fixed_point_iterations)
+    return invert_latents(
+        pipe,
+        latents,
+        prompt,
+        ddim.timesteps,
+        guidance_scale,
+        negative_prompt,
+        scheduler=ddim,
+        fixed_point_iterations=fixed_point_iterations,
+    )

@@ -4,6 +4,7 @@ Layer names are diffusers' module paths (the keys of ``denoiser.attn_processors`
 ``.processor``), e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2`` or
 ``single_transformer_blocks.3.attn``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ All functions are differentiable and work on plain tensors, so each is tested on
 * `segregation_loss`, `retention_loss` — A-STAR (Agarwal et al., ICCV 2023), Eq. 2 and Eq. 3;
 * `nt_xent_loss`  — CONFORM (Meral et al., CVPR 2024): NT-Xent over map embeddings.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ def token_maps(
     """
     end = maps.shape[-1] - 1 if last is None else int(last)
     if not 1 < end <= maps.shape[-1] - 1:
-        raise ValueError(f"last={last!r}: the kept positions 1..last-1 must be a non-empty part of 1..{maps.shape[-1] - 2}")
+        raise ValueError(
+            f"last={last!r}: the kept positions 1..last-1 must be a non-empty part of 1..{maps.shape[-1] - 2}"
+        )
     bad = [i for idx in subjects for i in idx if not 1 <= i < end]
     if bad:
         raise ValueError(f"token indices {bad} are outside the renormalised positions 1..{end - 1}")
@@ -107,7 +110,8 @@ def segregation_loss(subject_maps: torch.Tensor, reduction: str = "sum") -> torc
     if n < 2:
         return subject_maps.sum() * 0.0
     terms = [
-        torch.minimum(subject_maps[m], subject_maps[k]).sum() / (subject_maps[m] + subject_maps[k]).sum().clamp_min(1e-12)
+        torch.minimum(subject_maps[m], subject_maps[k]).sum()
+        / (subject_maps[m] + subject_maps[k]).sum().clamp_min(1e-12)
         for m, k in combinations(range(n), 2)
     ]
     return _reduce(torch.stack(terms), reduction)

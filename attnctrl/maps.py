@@ -1,4 +1,5 @@
 """`AttentionMapResult`: aggregated per-token attention maps of a run, and their rendering."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,7 +16,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # anchor colours of a perceptual "inferno"-like colormap, low → high
 _CMAP = np.array(
-    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]],
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
     dtype=np.float32,
 )
 
@@ -106,7 +116,9 @@ class AttentionMapResult:
         return {label: maps[self.token_indices(image, label)].sum(0) for label in word_labels(self.prompt_of(image))}
 
     # ---- rendering ---------------------------------------------------------------------------
-    def render(self, image: int = 0, picture: Image.Image | None = None, tile: int = 160, alpha: float = 0.55) -> Image.Image:
+    def render(
+        self, image: int = 0, picture: Image.Image | None = None, tile: int = 160, alpha: float = 0.55
+    ) -> Image.Image:
         """A labelled grid: the picture (if given), then one heatmap per word, overlaid on the picture."""
         maps = self.words(image)
         base = picture.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC) if picture is not None else None

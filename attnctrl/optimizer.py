@@ -14,6 +14,7 @@ Every image of the batch is optimised on its own loss: the losses are summed, wh
 image's latents the gradient of its own loss (the denoiser treats rows independently), and
 refinement continues only for the images still above target.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

@@ -16,6 +16,7 @@ of the prompt. attnctrl finds them from the first source available:
 Words are those of `attnctrl.tokens` (runs of letters and digits), so a `Phrase`'s word range and
 its ``spec`` resolve to token indices with `attnctrl.tokens.resolve`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,7 +87,9 @@ def find_phrase(prompt: str, phrase: str) -> Phrase:
     hits = [i for i in range(len(words) - n + 1) if low[i : i + n] == keys]
     if len(hits) < occurrence:
         where = "is not a phrase of" if not hits else f"occurs only {len(hits)} time(s) in"
-        raise TokenError(f"{phrase.strip()!r} {where} the prompt {prompt!r}; its words: {' '.join(w[0] for w in words)}")
+        raise TokenError(
+            f"{phrase.strip()!r} {where} the prompt {prompt!r}; its words: {' '.join(w[0] for w in words)}"
+        )
     a = hits[occurrence - 1]
     return _make(prompt, words, a, a + n)
 
@@ -113,7 +116,9 @@ def spacy_noun_phrases(prompt: str, nlp=None) -> list[Phrase]:
     """spaCy's noun chunks of ``prompt``, as `Phrase` objects (word ranges of attnctrl's words)."""
     nlp = nlp or _spacy_model()
     if nlp is None:
-        raise RuntimeError("spaCy with an English model is not available: pip install spacy && python -m spacy download en_core_web_sm")
+        raise RuntimeError(
+            "spaCy with an English model is not available: pip install spacy && python -m spacy download en_core_web_sm"
+        )
     words = _spans(prompt)
     out = []
     for chunk in nlp(prompt).noun_chunks:
@@ -132,39 +137,52 @@ def _lexicon(words: str) -> set[str]:
 
 _DET = _lexicon(
     "a an the this that these those my your his her its our their some any each every no another "
-    "several many few both all either neither much more most such")
+    "several many few both all either neither much more most such"
+)
 _NUM = _lexicon(
     "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty thirty forty fifty hundred thousand dozen pair couple single")
+    "seventeen eighteen nineteen twenty thirty forty fifty hundred thousand dozen pair couple single"
+)
 _COLOURS = _lexicon(
     "red green blue yellow orange purple pink brown black white gray grey golden silver gold beige "
     "violet cyan magenta turquoise teal maroon navy crimson scarlet azure indigo ivory tan "
-    "colorful colourful multicolored rainbow pale dark light bright transparent striped spotted checkered")
-_ADJ = _lexicon(
-    "small big large tiny huge giant little tall short long wide narrow thick thin fat round square "
-    "triangular rectangular circular oval flat curved old young new ancient modern antique vintage "
-    "wooden metal metallic plastic glass stone leather woolen wool silk cotton paper ceramic marble "
-    "fluffy furry hairy shiny glossy matte soft hard smooth rough wet dry hot cold warm cool frozen "
-    "happy sad angry cute beautiful pretty ugly scary funny lonely friendly fierce calm wild tame "
-    "hungry sleepy clean dirty empty full open closed heavy fancy elegant simple realistic detailed "
-    "cartoon futuristic medieval magical mysterious majestic cozy rustic abstract surreal cinematic "
-    "photorealistic fantasy epic gigantic miniature enormous massive delicious fresh ripe rotten "
-    "broken rusty shiny sparkling glowing floating flying burning melting tiny sleek") | _COLOURS
+    "colorful colourful multicolored rainbow pale dark light bright transparent striped spotted checkered"
+)
+_ADJ = (
+    _lexicon(
+        "small big large tiny huge giant little tall short long wide narrow thick thin fat round square "
+        "triangular rectangular circular oval flat curved old young new ancient modern antique vintage "
+        "wooden metal metallic plastic glass stone leather woolen wool silk cotton paper ceramic marble "
+        "fluffy furry hairy shiny glossy matte soft hard smooth rough wet dry hot cold warm cool frozen "
+        "happy sad angry cute beautiful pretty ugly scary funny lonely friendly fierce calm wild tame "
+        "hungry sleepy clean dirty empty full open closed heavy fancy elegant simple realistic detailed "
+        "cartoon futuristic medieval magical mysterious majestic cozy rustic abstract surreal cinematic "
+        "photorealistic fantasy epic gigantic miniature enormous massive delicious fresh ripe rotten "
+        "broken rusty shiny sparkling glowing floating flying burning melting tiny sleek"
+    )
+    | _COLOURS
+)
 # words that may be the head noun of a phrase although they are also adjectives ("a blue square")
-_ADJ_NOUN = _lexicon("square round orange gold silver plastic glass stone paper marble leather wool silk cotton metal cartoon fantasy rainbow light cream")
+_ADJ_NOUN = _lexicon(
+    "square round orange gold silver plastic glass stone paper marble leather wool silk cotton metal cartoon fantasy rainbow light cream"
+)
 _PREP = _lexicon(
     "on in at above below under over beneath underneath beside besides behind near with without of by "
     "from into onto inside outside between among across through against along around for atop upon "
     "toward towards like than off via within beyond past after before during next to up down amid "
-    "alongside opposite")
+    "alongside opposite"
+)
 # nouns used as prepositions before "of": "in front of", "on top of", "to the left of"
 _RELATION = _lexicon("front top left right side bottom middle back edge center centre corner inside outside")
 _CONJ = _lexicon("and or but nor while as plus then so yet whereas")
 _PRON = _lexicon(
     "it he she they them him we us you i me itself himself herself themselves there here which who whom "
-    "whose what where when how why something someone anything everything nothing")
+    "whose what where when how why something someone anything everything nothing"
+)
 _ADV = _lexicon("very really quite extremely slightly too so rather fairly highly incredibly super partly mostly")
-_AUX = _lexicon("is are was were be being been am has have had do does did will would can could should may might must not")
+_AUX = _lexicon(
+    "is are was were be being been am has have had do does did will would can could should may might must not"
+)
 _VERB_BASES = _lexicon(
     "sit stand hold wear ride eat drink play look lie fly run walk jump swim sleep read write chase carry "
     "watch sing dance fight climb drive throw catch kick lean rest hang float grow cross wait pull push hug "
@@ -175,7 +193,8 @@ _VERB_BASES = _lexicon(
 _NOT_VERB_ING = _lexicon(
     "painting building ring king wing string ceiling clothing swing thing evening morning pudding earring "
     "wedding icing dumpling sing spring sling bling lightning beijing viking duckling sibling seedling "
-    "stuffing frosting awning railing landing stocking bedding topping carving drawing sapling herring")
+    "stuffing frosting awning railing landing stocking bedding topping carving drawing sapling herring"
+)
 _NOT_VERB_ED = _lexicon("bed shed sled seed weed steed reed tweed breed hundred red bred speed need feed fred ted")
 
 
@@ -200,9 +219,34 @@ def _verb_forms(base: str) -> set[str]:
 
 
 _VERBS = set().union(*(_verb_forms(b) for b in _VERB_BASES)) | {
-    "sat", "stood", "held", "wore", "worn", "rode", "ridden", "ate", "eaten", "drank", "lay", "flew", "ran",
-    "swam", "slept", "caught", "threw", "hung", "grew", "fell", "made", "took", "gave", "seen", "sees",
-    "standing", "sitting", "lying",
+    "sat",
+    "stood",
+    "held",
+    "wore",
+    "worn",
+    "rode",
+    "ridden",
+    "ate",
+    "eaten",
+    "drank",
+    "lay",
+    "flew",
+    "ran",
+    "swam",
+    "slept",
+    "caught",
+    "threw",
+    "hung",
+    "grew",
+    "fell",
+    "made",
+    "took",
+    "gave",
+    "seen",
+    "sees",
+    "standing",
+    "sitting",
+    "lying",
 }
 _VERBS -= _NOT_VERB_ING
 

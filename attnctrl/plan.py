@@ -1,4 +1,5 @@
 """Resolve each control's selector to layers and build the per-layer plan of a run (DESIGN rules 3, 4)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -23,6 +23,7 @@ as the reference code resizes hidden states — and gives the (source, destinati
 Regions from attention maps: `regions_from_maps` averages per-resolution maps, min-max normalises each
 subject's map and keeps the cells strictly above a threshold, each cell going to the strongest subject.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,14 @@ Box = tuple[float, float, float, float]
 BoxesLike = str | Sequence[Sequence[float]]
 
 __all__ = [
-    "bbox", "box_cells", "boxes_overlap", "check_masks", "mask_cells", "normalise_boxes", "parse_boxes", "regions_from_maps",
+    "bbox",
+    "box_cells",
+    "boxes_overlap",
+    "check_masks",
+    "mask_cells",
+    "normalise_boxes",
+    "parse_boxes",
+    "regions_from_maps",
     "relocate",
 ]
 
@@ -49,7 +57,9 @@ def parse_boxes(boxes: BoxesLike, what: str = "boxes") -> list[Box]:
             try:
                 items.append([float(x) for x in p.split(",")])
             except ValueError:
-                raise ValueError(f"{what}: cannot read box {p!r}; write x0,y0,x1,y1 and separate boxes with ';'") from None
+                raise ValueError(
+                    f"{what}: cannot read box {p!r}; write x0,y0,x1,y1 and separate boxes with ';'"
+                ) from None
     else:
         items = [list(b) for b in boxes]
     out = []
@@ -70,7 +80,9 @@ def normalise_boxes(boxes: list[Box], size: tuple[int, int] | None, what: str = 
     if all(v <= 1.0 for b in boxes for v in b):
         return list(boxes)
     if size is None:
-        raise ValueError(f"{what} are in pixels but the image size is unknown here; give normalised boxes (numbers in [0, 1])")
+        raise ValueError(
+            f"{what} are in pixels but the image size is unknown here; give normalised boxes (numbers in [0, 1])"
+        )
     h, w = size
     for b in boxes:
         if b[2] > w or b[3] > h:
@@ -123,9 +135,11 @@ def mask_cells(masks: torch.Tensor, grid: tuple[int, int], exclusive: bool = Tru
     """
     m = masks.float()
     if tuple(m.shape[-2:]) != tuple(grid):
-        m = F.interpolate(m[None], size=grid, mode="area")[0] if all(
-            a % b == 0 for a, b in zip(m.shape[-2:], grid)
-        ) else F.interpolate(m[None], size=grid, mode="bilinear", align_corners=False, antialias=True)[0]
+        m = (
+            F.interpolate(m[None], size=grid, mode="area")[0]
+            if all(a % b == 0 for a, b in zip(m.shape[-2:], grid))
+            else F.interpolate(m[None], size=grid, mode="bilinear", align_corners=False, antialias=True)[0]
+        )
     cells = m >= 0.5
     if exclusive and m.shape[0] > 1:
         best = m.argmax(dim=0, keepdim=True)

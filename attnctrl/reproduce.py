@@ -1,5 +1,6 @@
 """The ``attnctrl generate`` command line that regenerates a run: one home for the CLI's PNG
 metadata and the web app's "reproduce" box."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,9 +16,22 @@ def reproduce_argv(params: dict[str, Any]) -> list[str]:
     optionally negative_prompt, num_images, reference_image, reference_prompt, and controls as
     ``[{"name": ..., "args": {key: value}}]`` — the ``attnctrl`` PNG metadata the CLI writes."""
     head = ["--prompts", params["prompts_file"]] if params.get("prompts_file") else [params["prompt"]]
-    argv = ["generate", *head, "--model", params["model"], "--seed", str(params["seed"]),
-            "--steps", str(params["steps"]), "--guidance", repr(float(params["guidance"])),
-            "--height", str(params["height"]), "--width", str(params["width"])]
+    argv = [
+        "generate",
+        *head,
+        "--model",
+        params["model"],
+        "--seed",
+        str(params["seed"]),
+        "--steps",
+        str(params["steps"]),
+        "--guidance",
+        repr(float(params["guidance"])),
+        "--height",
+        str(params["height"]),
+        "--width",
+        str(params["width"]),
+    ]
     if params.get("negative_prompt") is not None:
         argv += ["--negative", params["negative_prompt"]]
     if params.get("num_images", 1) != 1:

@@ -9,6 +9,7 @@ controls also rotate with per-row tables, e.g. (B, 1, N, D) gathered at each row
 Rotations compose: ``rotate(rotate(x, c1, s1), c2, s2)`` turns by the sum of the angles, and
 ``rotate(x, cos, -sin)`` undoes ``rotate(x, cos, sin)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + turned * sin).to(x.dtype)
 
 
-def rerotate(x: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def rerotate(
+    x: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """`x` rotated by the (cos, sin) tables `old` turned back, then rotated by `new`: RoPE moved from
     one set of positions to another."""
     return rotate(rotate(x, old[0], -old[1]), new[0], new[1])

@@ -13,6 +13,7 @@ A scorer is any callable taking the generated PIL images and the prompt of each 
 same order) and returning one finite float per image. ``get_scorer`` resolves a registered name or a
 ``"package.module:function"`` path to one.
 """
+
 from __future__ import annotations
 
 import importlib

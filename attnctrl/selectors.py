@@ -22,6 +22,7 @@ selectors matches any of them (OR). Terms:
 
 Examples: ``"cross,res=16"``, ``"self,up,heads=0|1"``, ``"mid"``, ``"down_blocks.2.attentions.0"``.
 """
+
 from __future__ import annotations
 
 import re

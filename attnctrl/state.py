@@ -4,6 +4,7 @@ Nothing here is global and nothing is counted from attention calls: the loop (or
 `attach`, a pre-forward hook on the denoiser that reads the timestep it is given) writes
 `RunContext.state` before every denoiser call.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

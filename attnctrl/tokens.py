@@ -252,8 +252,7 @@ def _raw_indices(spec: Any, length: int, prompt: str) -> list[int]:
             raise TokenError(f"token index {x!r} is not an int") from None
         if not 0 <= i < length:
             raise TokenError(
-                f"token index {i} is out of range for the prompt {_short(prompt)!r}: "
-                f"valid indices are 0..{length - 1}"
+                f"token index {i} is out of range for the prompt {_short(prompt)!r}: valid indices are 0..{length - 1}"
             )
         out.append(i)
     return out
@@ -302,9 +301,7 @@ def resolve(tokenizer: Any, prompt: str, spec: TokenSpec, *, max_length: int | N
         uniq = list(dict.fromkeys(w.key for w in words))
         close = difflib.get_close_matches(" ".join(keys), uniq, n=1) if len(keys) == 1 else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TokenError(
-            f"{text!r} is not a {kind} of the prompt {_short(prompt)!r}{hint}; words: {', '.join(uniq)}"
-        )
+        raise TokenError(f"{text!r} is not a {kind} of the prompt {_short(prompt)!r}{hint}; words: {', '.join(uniq)}")
     if occurrence > len(hits):
         times = "once" if len(hits) == 1 else f"{len(hits)} times"
         raise TokenError(
@@ -456,10 +453,7 @@ def resolve_all(
     """:func:`resolve` ``spec`` for every tokenizer of ``pipe`` (keyed as in
     :func:`encoder_tokenizers`), each against the length its encoder is fed."""
     limits = encoder_max_lengths(pipe, family=family, max_sequence_length=max_sequence_length)
-    return {
-        name: resolve(tok, prompt, spec, max_length=limits[name])
-        for name, tok in encoder_tokenizers(pipe).items()
-    }
+    return {name: resolve(tok, prompt, spec, max_length=limits[name]) for name, tok in encoder_tokenizers(pipe).items()}
 
 
 def token_tables(
@@ -467,10 +461,7 @@ def token_tables(
 ) -> dict[str, list[TokenRow]]:
     """:func:`token_table` for every tokenizer of ``pipe``; feed the result to :func:`format_table`."""
     limits = encoder_max_lengths(pipe, family=family, max_sequence_length=max_sequence_length)
-    return {
-        name: token_table(tok, prompt, max_length=limits[name])
-        for name, tok in encoder_tokenizers(pipe).items()
-    }
+    return {name: token_table(tok, prompt, max_length=limits[name]) for name, tok in encoder_tokenizers(pipe).items()}
 
 
 def joint_text_indices(

@@ -12,6 +12,7 @@ variant (target ratio <= 1.0) and the max abs difference of the final latents (e
     python bench/attend_excite.py --model tiny-sd
     python bench/attend_excite.py --model sd15-random --steps 5 --repeats 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ PROMPT = "a cat and a frog"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_args(ap, model="sd15-random", steps=5, repeats=2, output_type="latent")
     ap.add_argument("--thresholds", default="0:0.05,10:0.5,20:0.8", help="refinement step:peak pairs ('' for none)")
     args = harness.parse_args(ap, argv)
@@ -43,19 +46,44 @@ def main(argv=None) -> int:
     indices = [resolve(pipe.tokenizer, PROMPT, w)[0] for w in ("cat", "frog")]
     thresholds = parse_thresholds(args.thresholds, {})
     harness.header(
-        "Attend-and-Excite: attnctrl vs diffusers StableDiffusionAttendAndExcitePipeline", "bench/attend_excite.py",
-        args, pipe, build_s,
-        f"prompt {PROMPT!r}, token indices {indices}, thresholds {thresholds}, maps 16x16")
+        "Attend-and-Excite: attnctrl vs diffusers StableDiffusionAttendAndExcitePipeline",
+        "bench/attend_excite.py",
+        args,
+        pipe,
+        build_s,
+        f"prompt {PROMPT!r}, token indices {indices}, thresholds {thresholds}, maps 16x16",
+    )
 
     kw = harness.pipe_kwargs(args)
-    res = harness.compare({
-        "diffusers": harness.timed_call(lambda gen, keep: ref(
-            PROMPT, token_indices=indices, generator=gen, attn_res=(16, 16), thresholds=thresholds,
-            max_iter_to_alter=25, callback=keep.legacy, callback_steps=1, **kw), args),
-        "attnctrl": harness.timed_call(lambda gen, keep: cp(
-            PROMPT, generator=gen, callback_on_step_end=keep, **kw,
-            controls=[ac.AttendExcite(tokens=indices, resolution=16, steps=(0, 25), thresholds=thresholds)]), args),
-    }, args)
+    res = harness.compare(
+        {
+            "diffusers": harness.timed_call(
+                lambda gen, keep: ref(
+                    PROMPT,
+                    token_indices=indices,
+                    generator=gen,
+                    attn_res=(16, 16),
+                    thresholds=thresholds,
+                    max_iter_to_alter=25,
+                    callback=keep.legacy,
+                    callback_steps=1,
+                    **kw,
+                ),
+                args,
+            ),
+            "attnctrl": harness.timed_call(
+                lambda gen, keep: cp(
+                    PROMPT,
+                    generator=gen,
+                    callback_on_step_end=keep,
+                    **kw,
+                    controls=[ac.AttendExcite(tokens=indices, resolution=16, steps=(0, 25), thresholds=thresholds)],
+                ),
+                args,
+            ),
+        },
+        args,
+    )
     harness.report(res, args, ref="diffusers")
     harness.target("attnctrl/diffusers (time, medians)", res.ratio("attnctrl", "diffusers"), 1.0)
     harness.target("attnctrl/diffusers (peak memory, medians)", res.peak_ratio("attnctrl", "diffusers"), 1.0)

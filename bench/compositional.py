@@ -25,6 +25,7 @@ and count all right) and ``results.json`` (figures, per-image detections and sco
     python bench/compositional.py --model tiny-sd --prompts 3 --seeds 1 --steps 4   # dry run, random weights
     python bench/compositional.py --methods none,conform --set conform temperature=0.3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,8 +149,10 @@ def _methods(spec: str | None, registered: dict) -> tuple[list[str], list[str]]:
         elif m in METHODS:
             notes.append(f"{m}: not registered in attnctrl.controls.registry.CONTROLS, skipped")
         else:
-            raise SystemExit(f"--methods: unknown method {m!r}; choose from none, {', '.join(METHODS)}"
-                             f" (or another registered control: {', '.join(sorted(registered))})")
+            raise SystemExit(
+                f"--methods: unknown method {m!r}; choose from none, {', '.join(METHODS)}"
+                f" (or another registered control: {', '.join(sorted(registered))})"
+            )
     return run, notes
 
 
@@ -171,7 +174,9 @@ def _overrides(items: list[list[str]], registered: dict) -> dict[str, dict]:
 def _cell(image: Image.Image, ok: bool | None, scale: int) -> Image.Image:
     size = (image.width * scale, image.height * scale)
     img = image.convert("RGB").resize(size, Image.NEAREST)
-    frame = Image.new("RGB", (size[0] + 4, size[1] + 4), {True: (40, 170, 60), False: (220, 40, 40), None: (160, 160, 160)}[ok])
+    frame = Image.new(
+        "RGB", (size[0] + 4, size[1] + 4), {True: (40, 170, 60), False: (220, 40, 40), None: (160, 160, 160)}[ok]
+    )
     frame.paste(img, (2, 2))
     return frame
 
@@ -198,16 +203,33 @@ def _fmt(v) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes", help="shapes (default; the trained Shapes model), tiny-sd for a dry run, or any ac.load() name")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default="shapes",
+        help="shapes (default; the trained Shapes model), tiny-sd for a dry run, or any ac.load() name",
+    )
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own, 25 for shapes)")
     ap.add_argument("--seeds", default="4", help="a count (4: seeds 0..3, default) or a comma-separated list")
-    ap.add_argument("--prompts", default=None,
-                    help=f"N: the first N of the {len(PROMPTS)} built-in prompts (mixing two-object, three-object and relation ones); "
-                         "a file with one prompt per line; or prompts separated by ';' (default: all built-in)")
-    ap.add_argument("--methods", default=None, help=f"comma-separated, default: none,{','.join(METHODS)} (those registered)")
-    ap.add_argument("--set", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), default=[],
-                    help="extra constructor arguments for one control, e.g. --set modulation temperature=0.7 (repeatable)")
+    ap.add_argument(
+        "--prompts",
+        default=None,
+        help=f"N: the first N of the {len(PROMPTS)} built-in prompts (mixing two-object, three-object and relation ones); "
+        "a file with one prompt per line; or prompts separated by ';' (default: all built-in)",
+    )
+    ap.add_argument(
+        "--methods", default=None, help=f"comma-separated, default: none,{','.join(METHODS)} (those registered)"
+    )
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "KEY=VALUE"),
+        default=[],
+        help="extra constructor arguments for one control, e.g. --set modulation temperature=0.7 (repeatable)",
+    )
     ap.add_argument("--guidance-scale", type=float, default=None, help="default: the model's own (5.0 for shapes)")
     ap.add_argument("--out", default="bench/out/compositional", help="folder for grid.png and results.json")
     ap.add_argument("--grid-scale", type=int, default=2, help="pixel upscaling of the images in the grid (default 2)")
@@ -234,7 +256,9 @@ def main(argv=None) -> int:
     try:
         pipe = ac.load(args.model)
     except Exception as err:  # (e.g. the Shapes model not trained or registered yet)
-        raise SystemExit(f"cannot load model {args.model!r}: {err}\n(for a dry run without the Shapes model: --model tiny-sd)") from None
+        raise SystemExit(
+            f"cannot load model {args.model!r}: {err}\n(for a dry run without the Shapes model: --model tiny-sd)"
+        ) from None
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
@@ -245,19 +269,29 @@ def main(argv=None) -> int:
         call["guidance_scale"] = args.guidance_scale
     defaults = {**getattr(pipe, "defaults", {}), **call}
 
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["bench/compositional.py", *argv])
+    command = (
+        shlex.join([Path(sys.executable).name, *sys.argv])
+        if argv is None
+        else shlex.join(["bench/compositional.py", *argv])
+    )
     print("== attnctrl compositional benchmark (bench/compositional.py) ==")
     print(f"command: {command}")
-    print(f"model {args.model} ({type(pipe.pipe).__name__}, loaded in {load_s:.1f} s), device {args.device} "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}), torch {torch.__version__}")
-    print(f"steps {defaults.get('num_inference_steps', 'pipeline default')}, guidance {defaults.get('guidance_scale', 'pipeline default')}, "
-          f"seeds {seeds}, {len(prompts)} prompts x {len(seeds)} seeds = {len(prompts) * len(seeds)} images per method")
+    print(
+        f"model {args.model} ({type(pipe.pipe).__name__}, loaded in {load_s:.1f} s), device {args.device} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}), torch {torch.__version__}"
+    )
+    print(
+        f"steps {defaults.get('num_inference_steps', 'pipeline default')}, guidance {defaults.get('guidance_scale', 'pipeline default')}, "
+        f"seeds {seeds}, {len(prompts)} prompts x {len(seeds)} seeds = {len(prompts) * len(seeds)} images per method"
+    )
     print(f"methods: {', '.join(methods)}")
     for note in notes:
         print(f"  note: {note}")
     for m in methods:
         if m != "none":
-            print(f"  {m}: {CONTROLS[m].__name__}(**{control_kwargs(CONTROLS[m], prompts[0], extra.get(m))})  [for prompt 0]")
+            print(
+                f"  {m}: {CONTROLS[m].__name__}(**{control_kwargs(CONTROLS[m], prompts[0], extra.get(m))})  [for prompt 0]"
+            )
     for i, p in enumerate(prompts):
         print(f"  p{i}: {p}")
     sys.stdout.flush()
@@ -289,15 +323,25 @@ def main(argv=None) -> int:
                 s = score(prompt, found)
                 scores.append(s)
                 cells.append(_cell(image, s["presence"] and s["binding"] and s["count"], args.grid_scale))
-                records.append({
-                    "method": m, "prompt": i, "seed": seed, "seconds": round(secs[-1], 4), "score": s,
-                    "detected": [{"shape": d.shape, "color": d.color, "box": list(d.box), "area": d.area} for d in found],
-                })
+                records.append(
+                    {
+                        "method": m,
+                        "prompt": i,
+                        "seed": seed,
+                        "seconds": round(secs[-1], 4),
+                        "score": s,
+                        "detected": [
+                            {"shape": d.shape, "color": d.color, "box": list(d.box), "area": d.area} for d in found
+                        ],
+                    }
+                )
         rows[m] = cells
         summary[m] = {**aggregate(scores), "s_per_img": float(np.mean(secs)) if secs else None, "error": error}
         done = summary[m]
-        print(f"  {m}: {done['n']} images, presence {_fmt(done['presence'])}, binding {_fmt(done['binding'])}, "
-              f"count {_fmt(done['count'])}, {_fmt(done['s_per_img'])} s/img")
+        print(
+            f"  {m}: {done['n']} images, presence {_fmt(done['presence'])}, binding {_fmt(done['binding'])}, "
+            f"count {_fmt(done['count'])}, {_fmt(done['s_per_img'])} s/img"
+        )
         sys.stdout.flush()
 
     print()
@@ -307,21 +351,36 @@ def main(argv=None) -> int:
         if r["error"] is not None and not r["n"]:
             print(f"| {m} | failed: {r['error'][:80]} | | | | | |")
             continue
-        print(f"| {m} | {_fmt(r['presence'])} | {_fmt(r['presence_rate'])} | {_fmt(r['binding'])} | {_fmt(r['count'])} "
-              f"| {_fmt(r['relation'])} | {_fmt(r['s_per_img'])} |")
-    print(f"\npresence: share of images with every named (colour, shape); objects: share of named objects found; "
-          f"binding: share of images whose found shapes all carry their named colour (and at least one is found); "
-          f"count: as many objects as named; relation: box centres in the named relation (relation prompts only). "
-          f"Scored by attnctrl.shapes.detect; {len(prompts)} prompts x {len(seeds)} seeds per method.")
+        print(
+            f"| {m} | {_fmt(r['presence'])} | {_fmt(r['presence_rate'])} | {_fmt(r['binding'])} | {_fmt(r['count'])} "
+            f"| {_fmt(r['relation'])} | {_fmt(r['s_per_img'])} |"
+        )
+    print(
+        f"\npresence: share of images with every named (colour, shape); objects: share of named objects found; "
+        f"binding: share of images whose found shapes all carry their named colour (and at least one is found); "
+        f"count: as many objects as named; relation: box centres in the named relation (relation prompts only). "
+        f"Scored by attnctrl.shapes.detect; {len(prompts)} prompts x {len(seeds)} seeds per method."
+    )
 
     write_grid(out_dir / "grid.png", rows, columns, args.grid_scale)
     result = {
-        "command": command, "model": args.model, "device": args.device, "steps": defaults.get("num_inference_steps"),
-        "guidance_scale": defaults.get("guidance_scale"), "seeds": seeds, "prompts": prompts, "methods": methods,
-        "notes": notes, "overrides": extra, "summary": summary, "images": records,
+        "command": command,
+        "model": args.model,
+        "device": args.device,
+        "steps": defaults.get("num_inference_steps"),
+        "guidance_scale": defaults.get("guidance_scale"),
+        "seeds": seeds,
+        "prompts": prompts,
+        "methods": methods,
+        "notes": notes,
+        "overrides": extra,
+        "summary": summary,
+        "images": records,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out_dir / 'grid.png'} (rows: {', '.join(rows)}; columns: prompt x seed) and {out_dir / 'results.json'}")
+    print(
+        f"wrote {out_dir / 'grid.png'} (rows: {', '.join(rows)}; columns: prompt x seed) and {out_dir / 'results.json'}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ own checks and ends with `finish` (the load average).
     harness.report(res, args)
     harness.finish()
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,32 +82,61 @@ def sync_fn(device: torch.device) -> Callable[[], None]:
 # ---------------------------------------------------------------------------------------------
 # command line, model, header
 # ---------------------------------------------------------------------------------------------
-def add_common_args(ap: argparse.ArgumentParser, *, model: str = "sd15-random", steps: int | None = None,
-                    repeats: int = 5, output_type: str = "pil", scheduler: str = "pndm",
-                    memory: str = "every") -> None:
+def add_common_args(
+    ap: argparse.ArgumentParser,
+    *,
+    model: str = "sd15-random",
+    steps: int | None = None,
+    repeats: int = 5,
+    output_type: str = "pil",
+    scheduler: str = "pndm",
+    memory: str = "every",
+) -> None:
     """The options every timing benchmark has; the keyword arguments are this script's defaults."""
     ap.add_argument("--model", choices=("tiny-sd", "sd15-random"), default=model)
-    ap.add_argument("--steps", type=int, default=steps,
-                    help=f"default: {steps}" if steps else "default: 20 (tiny-sd), 10 (sd15-random)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        help=f"default: {steps}" if steps else "default: 20 (tiny-sd), 10 (sd15-random)",
+    )
     ap.add_argument("--repeats", type=int, default=repeats, help="timed rounds (each runs every variant)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    ap.add_argument("--size", type=int, default=None, help="height = width in px (default: model default, 256 for sd15-random)")
+    ap.add_argument(
+        "--size", type=int, default=None, help="height = width in px (default: model default, 256 for sd15-random)"
+    )
     ap.add_argument("--height", type=int, default=None, help="overrides --size (the other side follows if not given)")
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--output-type", choices=("pil", "latent"), default=output_type,
-                    help=f"pil includes the VAE decode (default: {output_type})")
-    ap.add_argument("--scheduler", choices=("pndm", "ddim"), default=scheduler,
-                    help=f"sd15-random only; tiny-sd has its own DDIM (default: {scheduler})")
+    ap.add_argument(
+        "--output-type",
+        choices=("pil", "latent"),
+        default=output_type,
+        help=f"pil includes the VAE decode (default: {output_type})",
+    )
+    ap.add_argument(
+        "--scheduler",
+        choices=("pndm", "ddim"),
+        default=scheduler,
+        help=f"sd15-random only; tiny-sd has its own DDIM (default: {scheduler})",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count())")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
-    ap.add_argument("--memory", choices=MEMORY_MODES, default=memory,
-                    help=f"peak memory: in every timed run, in the last timed round, in one extra untimed round, or not "
-                         f"at all (default: {memory}); the per-run reset happens outside the timer")
-    ap.add_argument("--order", choices=("fixed", "rotate"), default="fixed",
-                    help="fixed: every round runs the variants in the same order; rotate: round r starts r places later, "
-                         "so no variant always runs in the same position")
+    ap.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default=memory,
+        help=f"peak memory: in every timed run, in the last timed round, in one extra untimed round, or not "
+        f"at all (default: {memory}); the per-run reset happens outside the timer",
+    )
+    ap.add_argument(
+        "--order",
+        choices=("fixed", "rotate"),
+        default="fixed",
+        help="fixed: every round runs the variants in the same order; rotate: round r starts r places later, "
+        "so no variant always runs in the same position",
+    )
 
 
 def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -152,14 +182,20 @@ def header(title: str, script: str, args, pipe, build_s: float, *lines: str) -> 
     n_params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
     size = f"{args.height}x{args.width}" if args.height else "model default"
     print(f"== {title} ({script}) ==")
-    print(f"model {args.model}: UNet {n_params:.0f}M params, scheduler {type(pipe.scheduler).__name__}, built in {build_s:.1f} s "
-          f"(random weights)")
-    print(f"device {pipe.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-          f"dtype {str(pipe.unet.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
-          f"torch.set_num_threads({args.threads}) -> get_num_threads() = {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"seed {args.seed}, steps {args.steps}, guidance {args.guidance_scale}, size {size}, output_type "
-          f"{args.output_type} ({'VAE decode included' if args.output_type == 'pil' else 'no VAE decode'})")
+    print(
+        f"model {args.model}: UNet {n_params:.0f}M params, scheduler {type(pipe.scheduler).__name__}, built in {build_s:.1f} s "
+        f"(random weights)"
+    )
+    print(
+        f"device {pipe.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
+        f"dtype {str(pipe.unet.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+        f"torch.set_num_threads({args.threads}) -> get_num_threads() = {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
+    print(
+        f"seed {args.seed}, steps {args.steps}, guidance {args.guidance_scale}, size {size}, output_type "
+        f"{args.output_type} ({'VAE decode included' if args.output_type == 'pil' else 'no VAE decode'})"
+    )
     for line in lines:
         print(line)
     sys.stdout.flush()
@@ -208,7 +244,9 @@ def timed_call(call: Callable[[torch.Generator, LatentKeeper], Any], args) -> Ca
         out = call(gen, keep)
         sync()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        latents = keep.latents if keep.latents is not None else out.images if isinstance(out.images, torch.Tensor) else None
+        latents = (
+            keep.latents if keep.latents is not None else out.images if isinstance(out.images, torch.Tensor) else None
+        )
         return RunResult(dt, cpu, _as_array(out.images), None if latents is None else latents.float().cpu(), out)
 
     return run
@@ -248,9 +286,16 @@ class Results:
         return p / r if p is not None and r is not None and r > 0 else None
 
 
-def compare(variants: dict[str, Callable[[], RunResult]], args=None, *, repeats: int | None = None,
-            warmup: int | None = None, device: str | torch.device | None = None, memory: str | None = None,
-            order: str | None = None) -> Results:
+def compare(
+    variants: dict[str, Callable[[], RunResult]],
+    args=None,
+    *,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    device: str | torch.device | None = None,
+    memory: str | None = None,
+    order: str | None = None,
+) -> Results:
     """Warm-up rounds, then ``repeats`` timed rounds alternating the variants run by run; prints a line per round.
 
     The settings default to ``args`` (from `add_common_args`). ``memory``: ``every`` timed run (the
@@ -263,10 +308,19 @@ def compare(variants: dict[str, Callable[[], RunResult]], args=None, *, repeats:
     order = order or args.order
     names = tuple(variants)
     mem = PeakMemory(torch.device(device or args.device))
-    res = Results(names, repeats, memory, mem, *({v: [] for v in names} for _ in range(4)), first={},
-                  noise=dict.fromkeys(names, 0.0))
-    print(f"rounds: {warmup} warm-up + {repeats} timed, each round runs {' -> '.join(names)}"
-          f"{' (rotated by one each round)' if order == 'rotate' else ''}; load average before: {_load()}")
+    res = Results(
+        names,
+        repeats,
+        memory,
+        mem,
+        *({v: [] for v in names} for _ in range(4)),
+        first={},
+        noise=dict.fromkeys(names, 0.0),
+    )
+    print(
+        f"rounds: {warmup} warm-up + {repeats} timed, each round runs {' -> '.join(names)}"
+        f"{' (rotated by one each round)' if order == 'rotate' else ''}; load average before: {_load()}"
+    )
     sys.stdout.flush()
 
     def measured(v: str) -> RunResult:
@@ -310,8 +364,10 @@ def report(res: Results, args, ref: str | None = None) -> None:
     ref = ref or res.variants[0]
     names = res.variants
     w = max(8, *map(len, names))
-    hdr = (f"{'variant':<{w}} {'median s':>9} {'min s':>8} {'cpu s':>8} {'peak MiB (median, min-max)':>27} "
-           f"{'max|Δimage|':>12} {'max|Δlatent|':>13}")
+    hdr = (
+        f"{'variant':<{w}} {'median s':>9} {'min s':>8} {'cpu s':>8} {'peak MiB (median, min-max)':>27} "
+        f"{'max|Δimage|':>12} {'max|Δlatent|':>13}"
+    )
     print("\n" + hdr + "\n" + "-" * len(hdr))
     base = res.first[ref]
     for v in names:
@@ -319,30 +375,44 @@ def report(res: Results, args, ref: str | None = None) -> None:
         pk = "-" if not p else f"{res.peak(v):.1f}" if len(p) == 1 else f"{res.peak(v):.1f} ({min(p):.0f}-{max(p):.0f})"
         first = res.first[v]
         dl = float("nan") if first.latents is None or base.latents is None else _maxdiff(first.latents, base.latents)
-        print(f"{v:<{w}} {res.median(v):9.3f} {res.min(v):8.3f} {res.cpu(v):8.3f} {pk:>27} "
-              f"{_maxdiff(first.images, base.images):12.3g} {dl:13.3g}")
+        print(
+            f"{v:<{w}} {res.median(v):9.3f} {res.min(v):8.3f} {res.cpu(v):8.3f} {pk:>27} "
+            f"{_maxdiff(first.images, base.images):12.3g} {dl:13.3g}"
+        )
     print("-" * len(hdr))
     for v in names:
         if v == ref:
             continue
-        line = (f"ratio {v}/{ref}: time median {res.ratio(v, ref):.3f}, min {res.min(v) / res.min(ref):.3f}, "
-                f"cpu {res.cpu(v) / res.cpu(ref):.3f}")
+        line = (
+            f"ratio {v}/{ref}: time median {res.ratio(v, ref):.3f}, min {res.min(v) / res.min(ref):.3f}, "
+            f"cpu {res.cpu(v) / res.cpu(ref):.3f}"
+        )
         pr = res.peak_ratio(v, ref)
         if pr is not None:
             line += f"; peak memory {pr:.3f} ({res.peak(v) - res.peak(ref):+.1f} MiB)"
         print(line)
-    print(f"(ratios of the medians of wall time, of the minimums and of the medians of process CPU time, all threads "
-          f"('cpu s'); peak memory: of the medians; {res.repeats} timed runs each)")
+    print(
+        f"(ratios of the medians of wall time, of the minimums and of the medians of process CPU time, all threads "
+        f"('cpu s'); peak memory: of the medians; {res.repeats} timed runs each)"
+    )
     spread = {v: max(res.times[v]) / min(res.times[v]) for v in names}
     if max(spread.values()) > 1.25:
-        print("WARNING: noisy timings (max/min per variant: " + ", ".join(f"{v} {s:.2f}" for v, s in spread.items())
-              + "); trust the min and cpu ratios more than the median one, or rerun with more --repeats / on an idle machine")
+        print(
+            "WARNING: noisy timings (max/min per variant: "
+            + ", ".join(f"{v} {s:.2f}" for v, s in spread.items())
+            + "); trust the min and cpu ratios more than the median one, or rerun with more --repeats / on an idle machine"
+        )
     what = "PIL pixels scaled to [0, 1]" if args.output_type == "pil" else "output latents"
-    print(f"max|Δimage| / max|Δlatent|: each variant's first timed output vs that of {ref} ({what} / final latents before "
-          f"decoding); same variant across rounds, max|Δimage|: " + ", ".join(f"{v} {res.noise[v]:.3g}" for v in names))
+    print(
+        f"max|Δimage| / max|Δlatent|: each variant's first timed output vs that of {ref} ({what} / final latents before "
+        f"decoding); same variant across rounds, max|Δimage|: " + ", ".join(f"{v} {res.noise[v]:.3g}" for v in names)
+    )
     if any(res.peaks.values()):
-        where = {"every": "every timed run", "last-round": "the last timed round",
-                 "extra-round": "one extra untimed round"}[res.memory_mode]
+        where = {
+            "every": "every timed run",
+            "last-round": "the last timed round",
+            "extra-round": "one extra untimed round",
+        }[res.memory_mode]
         print(f"peak memory: {res.memory.method}; measured in {where}")
     sys.stdout.flush()
 
@@ -357,7 +427,9 @@ def target(label: str, value: float | None, limit: float, fmt: str = ".3f") -> s
 
 
 def finish() -> int:
-    print(f"load average after: {_load()} (other processes on this machine skew timings; ratios of alternated runs "
-          f"are what to compare)")
+    print(
+        f"load average after: {_load()} (other processes on this machine skew timings; ratios of alternated runs "
+        f"are what to compare)"
+    )
     sys.stdout.flush()
     return 0

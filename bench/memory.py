@@ -1,4 +1,5 @@
 """Peak memory of one run: exact peak RSS on Linux CPU (VmHWM reset), CUDA allocator peak on GPU."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Models for the benchmarks: the embedded tiny SD, and the SD 1.5 architecture with random weights."""
+
 from __future__ import annotations
 
 import torch
@@ -69,14 +70,23 @@ def build_sd15_random(scheduler: str = "pndm"):
             sample_size=512,
             scaling_factor=0.18215,
         ).eval()
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    common = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     if scheduler == "pndm":
         sched = PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
     else:
         sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
 
 

@@ -21,6 +21,7 @@ Models (random weights; nothing is downloaded):
     python bench/overhead.py --model sd15-random --repeats 3 --steps 5
     python bench/overhead.py --model sd15-random --steps 2 --repeats 1 --output-type latent --profile   # where time goes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,12 +62,14 @@ class Breakdown:
         def hook(_m, _a):
             self.sync()
             self._t0[name] = time.perf_counter()
+
         return hook
 
     def _post(self, name):
         def hook(_m, _a, _o):
             self.sync()
             self.acc[name] += time.perf_counter() - self._t0.pop(name)
+
         return hook
 
     def take(self) -> dict:
@@ -103,7 +106,9 @@ def micro_maps(cp, args, device, dtype) -> None:
     run = RunContext(family=cp.family, layout=BatchLayout.build(1, cfg), grid=grid, state=StepState(0, 999.0, 1))
     text_len = 77
     g = torch.Generator("cpu").manual_seed(0)
-    print(f"\n-- maps path per layer call, real shapes (batch {run.layout.size}, {text_len} text tokens), mean of 20 calls:")
+    print(
+        f"\n-- maps path per layer call, real shapes (batch {run.layout.size}, {text_len} text tokens), mean of 20 calls:"
+    )
     total = {"sdpa": 0.0, "probs": 0.0, "maps": 0.0}
     for name, li in sorted(layers.items()):
         attn = cp.pipe.unet.get_submodule(name)
@@ -116,8 +121,18 @@ def micro_maps(cp, args, device, dtype) -> None:
 
         q = rnd(run.layout.size, attn.heads, h * w, d)
         k, v = rnd(run.layout.size, attn.heads, text_len, d), rnd(run.layout.size, attn.heads, text_len, d)
-        call = AttentionCall(layer=li, run=run, q=q, k=k, v=v, q_image=slice(0, h * w), k_image=slice(0, 0),
-                             k_text=slice(0, text_len), grid=(h, w), scale=attn.scale)
+        call = AttentionCall(
+            layer=li,
+            run=run,
+            q=q,
+            k=k,
+            v=v,
+            q_image=slice(0, h * w),
+            k_image=slice(0, 0),
+            k_text=slice(0, text_len),
+            grid=(h, w),
+            scale=attn.scale,
+        )
         maps.begin(run)
         with torch.inference_mode():
             p = attention_probs(q, k, attn.scale, None)
@@ -128,12 +143,16 @@ def micro_maps(cp, args, device, dtype) -> None:
         total["sdpa"] += t_sdpa
         total["probs"] += t_probs
         total["maps"] += t_maps
-        print(f"   {name:<52} q {tuple(q.shape)}: SDPA {t_sdpa * 1e3:7.3f} ms, attention_probs {t_probs * 1e3:7.3f} ms, "
-              f"AttentionMaps.probs {t_maps * 1e3:7.3f} ms")
+        print(
+            f"   {name:<52} q {tuple(q.shape)}: SDPA {t_sdpa * 1e3:7.3f} ms, attention_probs {t_probs * 1e3:7.3f} ms, "
+            f"AttentionMaps.probs {t_maps * 1e3:7.3f} ms"
+        )
     extra = total["probs"] + total["maps"]
-    print(f"   per UNet forward ({len(layers)} layers): extra work of the maps path {extra * 1e3:.2f} ms "
-          f"(attention_probs {total['probs'] * 1e3:.2f} + AttentionMaps.probs {total['maps'] * 1e3:.2f}); "
-          f"SDPA of the same layers {total['sdpa'] * 1e3:.2f} ms (runs in every variant)")
+    print(
+        f"   per UNet forward ({len(layers)} layers): extra work of the maps path {extra * 1e3:.2f} ms "
+        f"(attention_probs {total['probs'] * 1e3:.2f} + AttentionMaps.probs {total['maps'] * 1e3:.2f}); "
+        f"SDPA of the same layers {total['sdpa'] * 1e3:.2f} ms (runs in every variant)"
+    )
 
 
 def profile_maps(variants, args) -> None:
@@ -161,22 +180,33 @@ def profile_maps(variants, args) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and args.device == "cuda" else [])
+    acts = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() and args.device == "cuda" else []
+    )
     for variant in ("stock", "maps"):
         with profile(activities=acts, record_shapes=True) as prof:
             variants[variant]()
         print(f"\n-- torch.profiler, {variant}: top ops by self CPU time (input shapes grouped)")
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40, max_shapes_column_width=60))
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40, max_shapes_column_width=60
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_args(ap, model="tiny-sd", memory="last-round")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--prompt", default=harness.PROMPT)
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also time the text encoder / UNet / VAE decoder forwards per variant (forward hooks on all variants)")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the text encoder / UNet / VAE decoder forwards per variant (forward hooks on all variants)",
+    )
     ap.add_argument("--profile", action="store_true", help="profile the maps path after the benchmark")
     args = harness.parse_args(ap, argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -184,9 +214,7 @@ def main(argv=None) -> int:
     from attnctrl import AttentionMaps
 
     pipe, cp, build_s = harness.load_pipeline(args, dtype)
-    harness.header(
-        "attnctrl overhead benchmark", "bench/overhead.py", args, pipe, build_s,
-        f"prompt {args.prompt!r}")
+    harness.header("attnctrl overhead benchmark", "bench/overhead.py", args, pipe, build_s, f"prompt {args.prompt!r}")
 
     kw = harness.pipe_kwargs(args)
     breakdown = Breakdown(cp, args, device) if args.breakdown else None
@@ -212,17 +240,23 @@ def main(argv=None) -> int:
     res = harness.compare(variants, args)
     harness.report(res, args, ref="stock")
     if args.breakdown:
-        print("breakdown, median s per run: text_encoder / unet / vae_decoder forwards, maps_layers = inside the "
-              "attention modules AttentionMaps(resolutions=[16]) reads (part of unet), rest = run time outside the three forwards:")
+        print(
+            "breakdown, median s per run: text_encoder / unet / vae_decoder forwards, maps_layers = inside the "
+            "attention modules AttentionMaps(resolutions=[16]) reads (part of unet), rest = run time outside the three forwards:"
+        )
         for v in VARIANTS:
-            parts = [{**e["parts"], "rest": dt - e["parts"]["text_encoder"] - e["parts"]["unet"] - e["parts"]["vae_decoder"]}
-                     for dt, e in zip(res.times[v], res.extras[v])]
+            parts = [
+                {**e["parts"], "rest": dt - e["parts"]["text_encoder"] - e["parts"]["unet"] - e["parts"]["vae_decoder"]}
+                for dt, e in zip(res.times[v], res.extras[v])
+            ]
             cols = [f"{k} {statistics.median(p[k] for p in parts):.3f}" for k in (*Breakdown.PARTS, "rest")]
             print(f"  {v:<11} " + ", ".join(cols))
     stock = res.first["stock"]
     img, lat = stock.images, stock.latents.numpy()
-    print(f"stock output (so a zero Δ is not vacuous): images {img.shape} mean {img.mean():.3f} std {img.std():.3f}, "
-          f"latents std {lat.std():.3f}, all finite: {bool(np.isfinite(img).all() and np.isfinite(lat).all())}")
+    print(
+        f"stock output (so a zero Δ is not vacuous): images {img.shape} mean {img.mean():.3f} std {img.std():.3f}, "
+        f"latents std {lat.std():.3f}, all finite: {bool(np.isfinite(img).all() and np.isfinite(lat).all())}"
+    )
     maps = {k: tuple(m.shape) for k, m in res.first["maps"].output.maps.by_res.items()}
     print(f"maps recorded: {maps} (images, tokens, h, w)")
     for v, limit in (("controlled", 1.03), ("maps", 1.15)):

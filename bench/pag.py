@@ -13,6 +13,7 @@ PAG moves the latents from a run without PAG.
     python bench/pag.py --model tiny-sd
     python bench/pag.py --model sd15-random --repeats 3 --steps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ import torch
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_args(ap, model="sd15-random")
     ap.add_argument("--layers", default="mid", help="pag_applied_layers, comma-separated (default: mid)")
     ap.add_argument("--pag-scale", type=float, default=3.0)
@@ -37,27 +40,49 @@ def main(argv=None) -> int:
     pag_pipe = StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers=layers)
     pag_pipe.set_progress_bar_config(disable=True)
     harness.header(
-        "PAG: attnctrl vs diffusers StableDiffusionPAGPipeline", "bench/pag.py", args, pipe, build_s,
-        f"prompt {harness.PROMPT!r}, layers {layers!r}, pag_scale {args.pag_scale}")
+        "PAG: attnctrl vs diffusers StableDiffusionPAGPipeline",
+        "bench/pag.py",
+        args,
+        pipe,
+        build_s,
+        f"prompt {harness.PROMPT!r}, layers {layers!r}, pag_scale {args.pag_scale}",
+    )
 
     kw = harness.pipe_kwargs(args)
     prompt = harness.PROMPT
-    res = harness.compare({
-        "diffusers": harness.timed_call(lambda gen, keep: pag_pipe(
-            prompt, generator=gen, pag_scale=args.pag_scale, callback_on_step_end=keep, **kw), args),
-        "attnctrl": harness.timed_call(lambda gen, keep: cp(
-            prompt, generator=gen, controls=[ac.PAG(layers=layers, scale=args.pag_scale)],
-            callback_on_step_end=keep, **kw), args),
-    }, args)
+    res = harness.compare(
+        {
+            "diffusers": harness.timed_call(
+                lambda gen, keep: pag_pipe(
+                    prompt, generator=gen, pag_scale=args.pag_scale, callback_on_step_end=keep, **kw
+                ),
+                args,
+            ),
+            "attnctrl": harness.timed_call(
+                lambda gen, keep: cp(
+                    prompt,
+                    generator=gen,
+                    controls=[ac.PAG(layers=layers, scale=args.pag_scale)],
+                    callback_on_step_end=keep,
+                    **kw,
+                ),
+                args,
+            ),
+        },
+        args,
+    )
     harness.report(res, args, ref="diffusers")
 
     d = res.first["diffusers"]
-    harness.target("max|Δlatent| attnctrl vs diffusers", harness._maxdiff(res.first["attnctrl"].latents, d.latents),
-                   1e-5, ".3g")
+    harness.target(
+        "max|Δlatent| attnctrl vs diffusers", harness._maxdiff(res.first["attnctrl"].latents, d.latents), 1e-5, ".3g"
+    )
     gen = torch.Generator("cpu").manual_seed(args.seed)
     stock = pipe(prompt, generator=gen, **{**kw, "output_type": "latent"}).images.float().cpu()  # untimed, no PAG
-    print(f"PAG's own effect (so a small Δ is not vacuous): max|Δlatent| diffusers PAG vs stock without PAG "
-          f"{harness._maxdiff(d.latents, stock):.3g}; latents std {d.latents.std():.3f}")
+    print(
+        f"PAG's own effect (so a small Δ is not vacuous): max|Δlatent| diffusers PAG vs stock without PAG "
+        f"{harness._maxdiff(d.latents, stock):.3g}; latents std {d.latents.std():.3f}"
+    )
     harness.target("attnctrl/diffusers", res.ratio("attnctrl", "diffusers"), 1.0)
     return harness.finish()
 

@@ -14,6 +14,7 @@ roughly doubles; the rest of the UNet is unchanged.
     python bench/shared.py                                   # sd15-random, 256 px, 4 prompts
     python bench/shared.py --steps 5 --repeats 3 --shared-norms
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ PROMPTS = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_args(ap, model="sd15-random", steps=5, repeats=3, output_type="latent", scheduler="ddim")
     ap.add_argument("--batch", type=int, default=4, help="number of prompts (one image each; default 4)")
     ap.add_argument("--score-shift", type=float, default=0.0)
@@ -41,17 +44,34 @@ def main(argv=None) -> int:
 
     pipe, cp, build_s = harness.load_pipeline(args)
     harness.header(
-        "SharedAttention (StyleAligned) vs stock diffusers", "bench/shared.py", args, pipe, build_s,
+        "SharedAttention (StyleAligned) vs stock diffusers",
+        "bench/shared.py",
+        args,
+        pipe,
+        build_s,
         f"batch {args.batch} prompts (CFG: {2 * args.batch} UNet rows), score_shift {args.score_shift}, "
-        f"shared_norms {args.shared_norms}")
+        f"shared_norms {args.shared_norms}",
+    )
 
     kw = harness.pipe_kwargs(args)
-    res = harness.compare({
-        "stock": harness.timed_call(lambda gen, keep: pipe(prompts, generator=gen, callback_on_step_end=keep, **kw), args),
-        "shared": harness.timed_call(lambda gen, keep: cp(
-            prompts, generator=gen, callback_on_step_end=keep, **kw,
-            controls=[ac.SharedAttention(score_shift=args.score_shift, shared_norms=args.shared_norms)]), args),
-    }, args)
+    res = harness.compare(
+        {
+            "stock": harness.timed_call(
+                lambda gen, keep: pipe(prompts, generator=gen, callback_on_step_end=keep, **kw), args
+            ),
+            "shared": harness.timed_call(
+                lambda gen, keep: cp(
+                    prompts,
+                    generator=gen,
+                    callback_on_step_end=keep,
+                    **kw,
+                    controls=[ac.SharedAttention(score_shift=args.score_shift, shared_norms=args.shared_norms)],
+                ),
+                args,
+            ),
+        },
+        args,
+    )
     harness.report(res, args, ref="stock")
     s, b = res.first["shared"].latents, res.first["stock"].latents
     harness.target("reference row max|Δlatent| vs stock", harness._maxdiff(s[:1], b[:1]), 1e-5, ".3g")

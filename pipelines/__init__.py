@@ -1,5 +1,6 @@
 """`ControlledPipeline` (the one denoising loop, with per-family adapters) and `attach` (attention-level
 controls on an unmodified diffusers pipeline)."""
+
 from .attach import AttachSession, attach
 from .controlled import ControlledOutput, ControlledPipeline
 

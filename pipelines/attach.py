@@ -10,6 +10,7 @@ pipeline's own `do_classifier_free_guidance`. Controls with loop-level hooks (ex
 guidance, latent updates) need `ControlledPipeline` and are refused here. On exit, also after an
 exception, the original processors are back and the hook is removed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -70,7 +71,9 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
     for c in controls:
         loop = [h for h in LOOP_HOOKS if c.implements(h)]
         if loop:
-            raise ValueError(f"{type(c).__name__} needs the attnctrl denoising loop ({', '.join(loop)}); use ac.ControlledPipeline")
+            raise ValueError(
+                f"{type(c).__name__} needs the attnctrl denoising loop ({', '.join(loop)}); use ac.ControlledPipeline"
+            )
     denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     layers = list_layers(denoiser)
     # every layer a selector can pick at some size (res= is decided per call)

@@ -1,4 +1,5 @@
 """`ControlledPipeline`: a diffusers pipeline plus attention controls, as a drop-in `__call__`."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -59,8 +60,10 @@ def _check_prompt(kw: dict) -> None:
 
 def _check_numbers(kw: dict) -> None:
     steps = kw.get("num_inference_steps")
-    if kw.get("timesteps") is None and kw.get("sigmas") is None and (
-        not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+    if (
+        kw.get("timesteps") is None
+        and kw.get("sigmas") is None
+        and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1)
     ):
         raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
     n = kw.get("num_images_per_prompt", 1)
@@ -163,7 +166,9 @@ class ControlledPipeline:
         _check_numbers(kw)
         return kw
 
-    def __call__(self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs):
+    def __call__(
+        self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs
+    ):
         chosen = check_controls(controls)
         kw = self._arguments(prompt, seed, kwargs)
         output_type = kw.pop("output_type") or "pil"
@@ -177,13 +182,15 @@ class ControlledPipeline:
         with torch.no_grad() if grad_needed else torch.inference_mode():
             prep = self.adapter.prepare(pipe, kw)
             run = RunContext(
-                family=self.family, layout=BatchLayout.build(prep.images, prep.cfg), grid=prep.grid,
-                text_len=prep.text_len, prompts=prep.prompts,
+                family=self.family,
+                layout=BatchLayout.build(prep.images, prep.cfg),
+                grid=prep.grid,
+                text_len=prep.text_len,
+                prompts=prep.prompts,
             )
             run.plan = build_plan(chosen, layers, prep.grid)
             t5_length = kw.get("max_sequence_length") if self.family in ("sd3", "flux") else None
             set_run_facts(run, pipe, self.denoiser, self.adapter, t5_length, prep.timesteps)
-            run.store["pipeline"] = self
             planned = [layer for layer in layers if layer.name in run.plan]
             started = []
             try:
@@ -200,4 +207,6 @@ class ControlledPipeline:
                 pipe.maybe_free_model_hooks()
         if not return_dict:
             return (images, nsfw)
-        return ControlledOutput(images=images, latents=latents, maps=results.get("maps"), results=results, nsfw_content_detected=nsfw)
+        return ControlledOutput(
+            images=images, latents=latents, maps=results.get("maps"), results=results, nsfw_content_detected=nsfw
+        )

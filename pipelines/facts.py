@@ -1,5 +1,6 @@
 """The facts a run carries for its controls, read once from the wrapped diffusers pipeline, so that
 no control needs the pipeline object (docs/architecture.md, "The run carries state")."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,9 @@ def pixel_size(pipe, family: str, grid: tuple[int, int]) -> tuple[int, int]:
     return grid[0] * f, grid[1] * f
 
 
-def set_run_facts(run: RunContext, pipe, denoiser, adapter=None, max_sequence_length: int | None = None,
-                  timesteps: Any = None) -> None:
+def set_run_facts(
+    run: RunContext, pipe, denoiser, adapter=None, max_sequence_length: int | None = None, timesteps: Any = None
+) -> None:
     """Put on `run` what its controls may read: text encoders, pixel size, denoiser, timesteps, and
     (with the loop's timesteps) the inversion of a real image to every one of them."""
     run.text = text_encoders(pipe, adapter, max_sequence_length)

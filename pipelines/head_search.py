@@ -13,6 +13,7 @@ maximise a user-chosen objective on generated images. `search_heads` implements 
 At most ``rounds`` heads are picked. Evaluations are cached per head set in a JSON file, so an
 interrupted or extended search resumes without regenerating anything it already scored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,17 @@ __all__ = ["HeadSearchResult", "candidate_heads", "evaluate_heads", "model_finge
 Head = tuple  # (layer name, head index)
 CACHE_FORMAT = 1
 #: call arguments `search_heads` sets itself
-RESERVED = ("prompt", "controls", "seed", "generator", "output_type", "num_inference_steps",
-            "num_images_per_prompt", "latents", "return_dict")
+RESERVED = (
+    "prompt",
+    "controls",
+    "seed",
+    "generator",
+    "output_type",
+    "num_inference_steps",
+    "num_images_per_prompt",
+    "latents",
+    "return_dict",
+)
 
 
 # ------------------------------------------------------------------------------------ result
@@ -94,8 +104,12 @@ class HeadSearchResult:
     def from_json(cls, path) -> HeadSearchResult:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(
-            heads=[(layer, int(h)) for layer, h in data["heads"]], score=data["score"], history=data.get("history", []),
-            scorer=data.get("scorer", ""), settings=data.get("settings", {}), baseline=data.get("baseline"),
+            heads=[(layer, int(h)) for layer, h in data["heads"]],
+            score=data["score"],
+            history=data.get("history", []),
+            scorer=data.get("scorer", ""),
+            settings=data.get("settings", {}),
+            baseline=data.get("baseline"),
         )
 
     def perturbation(self, **overrides) -> HeadPerturbation:
@@ -134,7 +148,9 @@ def model_fingerprint(pipe) -> str:
     scheduler = getattr(inner, "scheduler", None)
     if scheduler is not None:
         h.update(type(scheduler).__name__.encode())
-        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}  # "_use_default_values" is unordered
+        config = {
+            k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
+        }  # "_use_default_values" is unordered
         h.update(_canonical(config).encode())
     components = getattr(inner, "components", {}) or {}
     for name in sorted(components):
@@ -157,7 +173,9 @@ def candidate_heads(pipe, selector="self", height: int | None = None, width: int
     picked = [(layer, heads) for layer, heads in select(pipe.layers(), selector, grid) if layer.has_part("self")]
     if not picked:
         raise ValueError(f"candidate selector {selector!r} matches no self-attention layer")
-    return [(layer.name, h) for layer, heads in picked for h in (sorted(heads) if heads is not None else range(layer.heads))]
+    return [
+        (layer.name, h) for layer, heads in picked for h in (sorted(heads) if heads is not None else range(layer.heads))
+    ]
 
 
 @contextlib.contextmanager
@@ -177,8 +195,19 @@ def _quiet(pipe):
             del inner._progress_bar_config
 
 
-def evaluate_heads(pipe, heads: Sequence[Head], prompts: list[str], seeds: list[int], scorer, *, scale=3.0,
-                   softness=1.0, kind="identity", steps: int, **call_kwargs) -> list[float]:
+def evaluate_heads(
+    pipe,
+    heads: Sequence[Head],
+    prompts: list[str],
+    seeds: list[int],
+    scorer,
+    *,
+    scale=3.0,
+    softness=1.0,
+    kind="identity",
+    steps: int,
+    **call_kwargs,
+) -> list[float]:
     """Scores of the images generated with `heads` perturbed (no perturbation if empty).
 
     One pipeline call per seed with all prompts as a batch, each image with its own CPU generator
@@ -191,8 +220,14 @@ def evaluate_heads(pipe, heads: Sequence[Head], prompts: list[str], seeds: list[
     for seed in seeds:
         controls = [HeadPerturbation(heads=list(heads), scale=scale, softness=softness, kind=kind)] if heads else []
         generators = [torch.Generator("cpu").manual_seed(seed) for _ in prompts]
-        out = pipe(list(prompts), controls=controls, generator=generators, num_inference_steps=steps,
-                   output_type="pil", **call_kwargs)
+        out = pipe(
+            list(prompts),
+            controls=controls,
+            generator=generators,
+            num_inference_steps=steps,
+            output_type="pil",
+            **call_kwargs,
+        )
         images.extend(out.images)
         image_prompts.extend(prompts)
     return apply_scorer(scorer, images, image_prompts, name)
@@ -225,7 +260,9 @@ class _Cache:
                 return dict(data["evaluations"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        warnings.warn(f"ignoring unreadable or foreign head-search cache {str(self.path)!r}; it will be rewritten", stacklevel=2)
+        warnings.warn(
+            f"ignoring unreadable or foreign head-search cache {str(self.path)!r}; it will be rewritten", stacklevel=2
+        )
         return {}
 
     def get(self, key: str) -> dict | None:
@@ -339,13 +376,27 @@ def search_heads(
     call_kw = json.loads(_canonical(call_kwargs))
     perturb = {"scale": float(scale), "softness": float(softness), "kind": kind}
     context = {
-        "model": fingerprint, "scorer": name, "prompts": prompts, "seeds": seeds, "steps": steps,
-        "perturbation": perturb, "call_kwargs": call_kw, "defaults": json.loads(_canonical(pipe.defaults)),
+        "model": fingerprint,
+        "scorer": name,
+        "prompts": prompts,
+        "seeds": seeds,
+        "steps": steps,
+        "perturbation": perturb,
+        "call_kwargs": call_kw,
+        "defaults": json.loads(_canonical(pipe.defaults)),
     }
     cache = _Cache(cache_dir, context)
     settings = {
-        "model": label, "model_fingerprint": fingerprint, "prompts": prompts, "seeds": seeds,
-        "candidates": candidates, "rounds": rounds, "top_k": top_k, **perturb, "steps": steps, "call_kwargs": call_kw,
+        "model": label,
+        "model_fingerprint": fingerprint,
+        "prompts": prompts,
+        "seeds": seeds,
+        "candidates": candidates,
+        "rounds": rounds,
+        "top_k": top_k,
+        **perturb,
+        "steps": steps,
+        "call_kwargs": call_kw,
     }
 
     from tqdm.auto import tqdm
@@ -359,8 +410,18 @@ def search_heads(
         key = _head_key(heads)
         hit = cache.get(key)
         if hit is None:
-            scores = evaluate_heads(pipe, heads, prompts, seeds, scorer_fn, scale=scale, softness=softness,
-                                    kind=kind, steps=steps, **call_kwargs)
+            scores = evaluate_heads(
+                pipe,
+                heads,
+                prompts,
+                seeds,
+                scorer_fn,
+                scale=scale,
+                softness=softness,
+                kind=kind,
+                steps=steps,
+                **call_kwargs,
+            )
             hit = {"heads": json.loads(key), "score": sum(scores) / len(scores), "scores": scores}
             cache.put(key, hit)
             counts["generated"] += 1
@@ -378,8 +439,15 @@ def search_heads(
             single = [(h, evaluate([h])) for h in cands]
             best, score = _argmax(single)
             chosen = [best]
-            history.append({"round": 0, "base": [], "tried": [{"head": [layer, h], "score": s} for (layer, h), s in single],
-                            "picked": list(best), "score": score})
+            history.append(
+                {
+                    "round": 0,
+                    "base": [],
+                    "tried": [{"head": [layer, h], "score": s} for (layer, h), s in single],
+                    "picked": list(best),
+                    "score": score,
+                }
+            )
             postfix.update(heads=1, best=f"{score:.4g}")
             ranking = [h for h, _ in sorted(single, key=lambda item: -item[1])]  # stable: ties keep model order
             for r in range(1, rounds):
@@ -389,10 +457,15 @@ def search_heads(
                 tried = [(h, evaluate(chosen + [h])) for h in shortlist]
                 h_best, s_best = _argmax(tried)
                 improved = s_best > score
-                history.append({"round": r, "base": [list(h) for h in chosen],
-                                "tried": [{"head": [layer, h], "score": s} for (layer, h), s in tried],
-                                "picked": list(h_best) if improved else None,
-                                "score": s_best if improved else score})
+                history.append(
+                    {
+                        "round": r,
+                        "base": [list(h) for h in chosen],
+                        "tried": [{"head": [layer, h], "score": s} for (layer, h), s in tried],
+                        "picked": list(h_best) if improved else None,
+                        "score": s_best if improved else score,
+                    }
+                )
                 if not improved:
                     break
                 chosen.append(h_best)
@@ -403,6 +476,13 @@ def search_heads(
     finally:
         bar.close()
     return HeadSearchResult(
-        heads=chosen, score=score, history=history, scorer=name, settings=settings, baseline=base_score,
-        generated=counts["generated"], cached=counts["cached"], cache_file=str(cache.path) if cache.path else None,
+        heads=chosen,
+        score=score,
+        history=history,
+        scorer=name,
+        settings=settings,
+        baseline=base_score,
+        generated=counts["generated"],
+        cached=counts["cached"],
+        cache_file=str(cache.path) if cache.path else None,
     )

@@ -1,14 +1,15 @@
 """The one generic denoising loop: branches, guidance, latent-update hooks, callbacks, progress.
 
-    for each step i, timestep t:
-        run.state = StepState(i, t, T)                      # explicit, never counted
-        latents = c.before_step(run, latents, denoise)      # e.g. Attend-and-Excite updates
-        preds   = split(denoiser(cat(latents per branch)))  # {"uncond", "cond", extra branches}
-        guided  = ε_u + w(ε_c − ε_u)   (or ε_c without CFG) # exactly the stock expression
-        guided  = c.combine(run, preds, guided)             # e.g. PAG: + s(ε_c − ε_ptb)
-        guided  = rescale(guided, ε_c)                      # guidance_rescale, last, as diffusers' PAG pipelines
-        latents = scheduler.step(guided, t, latents)
+for each step i, timestep t:
+    run.state = StepState(i, t, T)                      # explicit, never counted
+    latents = c.before_step(run, latents, denoise)      # e.g. Attend-and-Excite updates
+    preds   = split(denoiser(cat(latents per branch)))  # {"uncond", "cond", extra branches}
+    guided  = ε_u + w(ε_c − ε_u)   (or ε_c without CFG) # exactly the stock expression
+    guided  = c.combine(run, preds, guided)             # e.g. PAG: + s(ε_c − ε_ptb)
+    guided  = rescale(guided, ε_c)                      # guidance_rescale, last, as diffusers' PAG pipelines
+    latents = scheduler.step(guided, t, latents)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -4,6 +4,7 @@
 RoPE is applied to q and k as the model does before the controls see them; the rotary
 embedding is kept in ``call.extras["rope"]`` for controls that re-position keys.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Only layers with at least one planned control get a controlled processor; every other layer
 keeps its stock processor object, so it computes exactly what it computed before.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -18,7 +19,12 @@ from .flux import FluxAttnProcessor
 from .sd3 import SD3JointAttnProcessor
 from .unet import UNetAttnProcessor
 
-PROCESSORS = {"sd": UNetAttnProcessor, "sdxl": UNetAttnProcessor, "sd3": SD3JointAttnProcessor, "flux": FluxAttnProcessor}
+PROCESSORS = {
+    "sd": UNetAttnProcessor,
+    "sdxl": UNetAttnProcessor,
+    "sd3": SD3JointAttnProcessor,
+    "flux": FluxAttnProcessor,
+}
 
 
 def _set(module: nn.Module, processor) -> None:

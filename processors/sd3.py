@@ -4,6 +4,7 @@ The joint layer attends over ``[image tokens, text tokens]``; QK-norm (SD3.5) is
 model does, before the controls see q and k. SD3.5 dual-attention blocks have a second,
 image-only layer `attn2` (kind "self"), called without text.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,4 +83,3 @@ class SD3JointAttnProcessor:
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
-

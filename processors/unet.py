@@ -3,6 +3,7 @@
 With no active control on the layer it calls the processor it replaced, unchanged; otherwise it
 reproduces `AttnProcessor2_0` around `attnctrl.attention.attend`.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ class UNetAttnProcessor:
         self.layer = layer
         self.run = run
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         chain = active_chain(self.run, self.layer.name)
         if not chain:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

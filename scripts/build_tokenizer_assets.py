@@ -107,9 +107,7 @@ def write_clip(words: list[str], out: Path) -> None:
     assert len(set(vocab_list)) == len(vocab_list), "duplicate CLIP vocab entries"
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     config = {
         "tokenizer_class": "CLIPTokenizer",

@@ -5,13 +5,14 @@ pyproject maps ``processors/``, ``pipelines/`` and ``app/`` into the package as
 mypy cannot follow that mapping, so `installed_layout()` copies the tree into a temporary folder in
 the installed shape and yields that folder (put it on PYTHONPATH / run the tool inside it).
 """
+
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPED = ("processors", "pipelines", "app")  # attnctrl.<name> ← <name>/

@@ -3,6 +3,7 @@ package as installed (see `installed_layout`). Exit status: lint-imports'.
 
     python scripts/lint_imports.py
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ def main() -> int:
     with installed_layout() as tmp:
         lint = shutil.which("lint-imports") or "lint-imports"
         env = {**os.environ, "PYTHONPATH": str(tmp)}
-        return subprocess.call([lint, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp, env=env)
+        return subprocess.call([lint, str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp, env=env)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     python scripts/typecheck.py
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -1,5 +1,6 @@
 """The web app's logic without a browser: schema → fields, requests → runs, exact reproduction,
 model cache and locks, readable errors. (Browser tests: tests/test_app_browser.py.)"""
+
 from __future__ import annotations
 
 import shlex
@@ -63,8 +64,13 @@ def test_widget_values_become_cli_items_that_parse_to_the_same_arguments():
     assert fields["heads"].selector and fields["heads"].required
     with pytest.raises(ControlArgError, match="'heads' is required"):
         fields["heads"].item("")
-    items = [fields["heads"].item("up,heads=0;mid"), fields["scale"].item(2.0), fields["softness"].item(0.5),
-             fields["steps"].item("0, 0.5"), fields["adaptive_scale"].item(0.0)]
+    items = [
+        fields["heads"].item("up,heads=0;mid"),
+        fields["scale"].item(2.0),
+        fields["softness"].item(0.5),
+        fields["steps"].item("0, 0.5"),
+        fields["adaptive_scale"].item(0.0),
+    ]
     assert items == ["heads=up,heads=0;mid", "scale=2.0", "softness=0.5", "steps=0, 0.5", None]
     kwargs = parse_kwargs(CONTROLS["heads"], [i for i in items if i])
     assert kwargs == {"heads": ["up,heads=0", "mid"], "scale": 2.0, "softness": 0.5, "steps": [0, 0.5]}
@@ -94,8 +100,14 @@ def _pil_pixels(im: Image.Image) -> np.ndarray:
 
 
 def test_run_reproduces_through_cli_and_python(cache, tmp_path, capsys, monkeypatch):
-    req = Request(PROMPT, model="tiny-sd", seed=5, steps=STEPS, guidance=6.0,
-                  controls=[("pag", ["scale=2.0"]), ("maps", ["resolutions=16"])])
+    req = Request(
+        PROMPT,
+        model="tiny-sd",
+        seed=5,
+        steps=STEPS,
+        guidance=6.0,
+        controls=[("pag", ["scale=2.0"]), ("maps", ["resolutions=16"])],
+    )
     seen = []
     res = run_request(req, cache, progress=lambda done, total, desc: seen.append((done, total)))
     assert seen == [(i, 2 * STEPS) for i in range(1, 2 * STEPS + 1)]  # one tick per denoising step, both runs
@@ -105,7 +117,14 @@ def test_run_reproduces_through_cli_and_python(cache, tmp_path, capsys, monkeypa
     # the CLI command, run as given
     argv = shlex.split(res.cli)
     assert argv[:2] == ["attnctrl", "generate"] and "--maps" not in argv  # the user's maps control writes maps
-    assert argv[argv.index("--control"):argv.index("-o")] == ["--control", "pag", "scale=2.0", "--control", "maps", "resolutions=16"]
+    assert argv[argv.index("--control") : argv.index("-o")] == [
+        "--control",
+        "pag",
+        "scale=2.0",
+        "--control",
+        "maps",
+        "resolutions=16",
+    ]
     monkeypatch.chdir(tmp_path)
     assert main(argv[1:]) == 0, capsys.readouterr().err
     with Image.open(tmp_path / "attnctrl.png") as im:
@@ -253,5 +272,9 @@ def test_a_local_folder_loads_once_and_runs_like_the_embedded_model(tmp_path):
     req = Request(PROMPT, model=str(tmp_path / "my-model"), seed=2, steps=2, compare=False)
     first, second = run_request(req, cache), run_request(req, cache)
     assert cache.loads == 1 and cache.loaded() == [str(tmp_path / "my-model")]
-    assert first.latent_hash == second.latent_hash == run_request(Request(PROMPT, model="tiny-sd", seed=2, steps=2), ModelCache(1)).latent_hash
+    assert (
+        first.latent_hash
+        == second.latent_hash
+        == run_request(Request(PROMPT, model="tiny-sd", seed=2, steps=2), ModelCache(1)).latent_hash
+    )
     assert shlex.split(first.cli)[shlex.split(first.cli).index("--model") + 1] == str(tmp_path / "my-model")

@@ -3,6 +3,7 @@
 Skipped (with the reason) only when Chromium or playwright/gradio is missing; `.ci/run` installs
 them and sets ATTNCTRL_REQUIRE_BROWSER=1, which turns the skip into a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ SCREENSHOT = os.environ.get("ATTNCTRL_APP_SCREENSHOT")  # write a screenshot of 
 
 
 def _chromium() -> str | None:
-    for path in (os.environ.get("ATTNCTRL_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                 shutil.which("chromium-browser")):
+    for path in (
+        os.environ.get("ATTNCTRL_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if path and Path(path).exists():
             return path
     return None

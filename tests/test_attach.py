@@ -1,4 +1,5 @@
 """`ac.attach` puts controls on an unmodified diffusers pipeline and always restores it."""
+
 import pytest
 import torch
 
@@ -109,8 +110,12 @@ def test_the_run_carries_the_facts_controls_read(tiny):
 
         def begin(self, run):
             seen.update(
-                prompts=[run.prompt_of(i) for i in range(run.layout.images)], car=run.tokens(2, "car"),
-                pixel=run.pixel_size, denoiser=run.denoiser, timesteps=list(run.timesteps), invert=run.invert,
+                prompts=[run.prompt_of(i) for i in range(run.layout.images)],
+                car=run.tokens(2, "car"),
+                pixel=run.pixel_size,
+                denoiser=run.denoiser,
+                timesteps=list(run.timesteps),
+                invert=run.invert,
             )
 
     pipe = ControlledPipeline(tiny("tiny-sd"))

@@ -1,4 +1,5 @@
 """AttendExcite, AStar and Conform: parity with diffusers' Attend-and-Excite, neutral ⇒ stock, errors."""
+
 import copy
 import math
 import warnings
@@ -41,8 +42,13 @@ def test_attend_excite_matches_diffusers_pipeline(tiny):
     indices = [[resolve(pipe.tokenizer, p, w)[0] for w in ws] for p, ws in zip(PROMPTS, words)]
     thresholds = {0: 0.0195, 2: 0.05}
     ref = _reference_pipeline(pipe)(
-        PROMPTS, token_indices=indices, generator=torch.Generator().manual_seed(0), attn_res=(16, 16),
-        thresholds=thresholds, max_iter_to_alter=25, **kw,
+        PROMPTS,
+        token_indices=indices,
+        generator=torch.Generator().manual_seed(0),
+        attn_res=(16, 16),
+        thresholds=thresholds,
+        max_iter_to_alter=25,
+        **kw,
     ).images
     # tokens given as words: each prompt resolves its own indices
     control = _PerPromptWords(words, resolution=16, steps=(0, 25), thresholds=thresholds)
@@ -101,7 +107,10 @@ class _ExplicitAttention:
         cross = encoder_hidden_states is not None
         ctx = encoder_hidden_states if cross else hidden_states
         b, h = hidden_states.shape[0], attn.heads
-        q, k, v = (x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2) for x in (attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)))
+        q, k, v = (
+            x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2)
+            for x in (attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx))
+        )
         p = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
         if cross and p.shape[2] == self.lq:
             self.store.append(p)
@@ -171,18 +180,40 @@ def _ntxent(groups_labels):
 _PROMPT = "a red car and a white sheep"
 _UPDATE_CASES = {
     # control, words, loss(a, previous maps), preprocessing kwargs
-    "astar-segregation": (lambda: ac.AStar(tokens=["red", "car", "sheep"], retention=0.0), ["red", "car", "sheep"],
-                          lambda a, prev: _eq2(a), {}),
-    "astar-retention": (lambda: ac.AStar(tokens=["car", "sheep"], segregation=0.0), ["car", "sheep"],
-                        lambda a, prev: None if prev is None else _eq3(a, _mask(prev)), {}),
-    "astar": (lambda: ac.AStar(tokens=["car", "sheep"]), ["car", "sheep"],
-              lambda a, prev: _eq2(a) + (0 if prev is None else _eq3(a, _mask(prev))), {}),
-    "conform": (lambda: ac.Conform(groups=[["red", "car"], ["white", "sheep"]], refinement_steps=()),
-                ["red", "car", "white", "sheep"], _ntxent([0, 0, 1, 1]), {"softmax": False}),
+    "astar-segregation": (
+        lambda: ac.AStar(tokens=["red", "car", "sheep"], retention=0.0),
+        ["red", "car", "sheep"],
+        lambda a, prev: _eq2(a),
+        {},
+    ),
+    "astar-retention": (
+        lambda: ac.AStar(tokens=["car", "sheep"], segregation=0.0),
+        ["car", "sheep"],
+        lambda a, prev: None if prev is None else _eq3(a, _mask(prev)),
+        {},
+    ),
+    "astar": (
+        lambda: ac.AStar(tokens=["car", "sheep"]),
+        ["car", "sheep"],
+        lambda a, prev: _eq2(a) + (0 if prev is None else _eq3(a, _mask(prev))),
+        {},
+    ),
+    "conform": (
+        lambda: ac.Conform(groups=[["red", "car"], ["white", "sheep"]], refinement_steps=()),
+        ["red", "car", "white", "sheep"],
+        _ntxent([0, 0, 1, 1]),
+        {"softmax": False},
+    ),
     "conform-softmaxes": (
-        lambda: ac.Conform(groups=[["red", "car"], ["sheep"]], refinement_steps=(), softmax_normalize=True,
-                           softmax_normalize_attention_maps=True),
-        ["red", "car", "sheep"], _ntxent([0, 0, 1]), {"softmax": True, "pixel_softmax": True},
+        lambda: ac.Conform(
+            groups=[["red", "car"], ["sheep"]],
+            refinement_steps=(),
+            softmax_normalize=True,
+            softmax_normalize_attention_maps=True,
+        ),
+        ["red", "car", "sheep"],
+        _ntxent([0, 0, 1]),
+        {"softmax": True, "pixel_softmax": True},
     ),
 }
 
@@ -285,7 +316,9 @@ def test_sd2_maps_are_renormalised_over_the_prompt_tokens_only(tiny, forced):
 
     prompt = "a red car and a white sheep"  # BOS a red car and a white sheep EOT: car 3, sheep 7, EOT 8
     ControlledPipeline(sd2)(
-        prompt, seed=0, controls=[Spy(tokens=["car", "sheep"], normalize_eot=forced)],
+        prompt,
+        seed=0,
+        controls=[Spy(tokens=["car", "sheep"], normalize_eot=forced)],
         **call_kwargs("tiny-sd", num_inference_steps=2),
     )
     flag, raw, maps = seen[0]
@@ -305,7 +338,9 @@ def test_sd1_tokenizer_keeps_the_reference_normalisation(tiny):
             seen.append(run.store[self]["normalize_eot"])
             return super().subject_maps(run, maps, image)
 
-    ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[Spy(tokens=["car", "sheep"])], **call_kwargs("tiny-sd", num_inference_steps=1))
+    ControlledPipeline(pipe)(
+        PROMPTS[1], seed=0, controls=[Spy(tokens=["car", "sheep"])], **call_kwargs("tiny-sd", num_inference_steps=1)
+    )
     assert seen and not any(seen)  # as diffusers' A&E pipeline (the parity test above)
 
 
@@ -357,8 +392,16 @@ def test_conform_defaults_follow_the_authors_notebook():
     assert c.optimizer.refinement == {0: None, 10: None, 20: None} and c.optimizer.max_refinement == 20
     assert (c.optimizer.scale_factor, c.optimizer.scale_range) == (20.0, (1.0, 0.5))
     assert c.step_range(50) == (0, 30) and c.step_range(20) == (0, 30)  # max_iter_to_alter = 30, absolute
-    on = parse_control("conform", ["groups=red car;sheep", "softmax_normalize=true", "smoothing=false",
-                                   "softmax_normalize_attention_maps=on", "steps=0,25"])
+    on = parse_control(
+        "conform",
+        [
+            "groups=red car;sheep",
+            "softmax_normalize=true",
+            "smoothing=false",
+            "softmax_normalize_attention_maps=on",
+            "steps=0,25",
+        ],
+    )
     assert on.softmax_scale == 100.0 and not on.smoothing and on.softmax_normalize_attention_maps
     assert on.step_range(50) == (0, 25)
 
@@ -458,7 +501,9 @@ def test_main_pass_stays_on_sdpa(tiny):
             shapes.append((torch.is_grad_enabled(), p.shape[0]))
             return super().probs(call, p)
 
-    ControlledPipeline(pipe)(PROMPTS[1], seed=0, controls=[Probe(tokens=["car"], thresholds={})], **call_kwargs("tiny-sd"))
+    ControlledPipeline(pipe)(
+        PROMPTS[1], seed=0, controls=[Probe(tokens=["car"], thresholds={})], **call_kwargs("tiny-sd")
+    )
     assert shapes and all(grad and rows == 1 for grad, rows in shapes)
 
 
@@ -477,15 +522,20 @@ def test_unknown_word_fails_before_any_step(tiny):
     steps = []
     with pytest.raises(TokenError, match="'dog' is not a word"):
         ControlledPipeline(pipe)(
-            PROMPTS[1], seed=0, controls=[ac.AStar(tokens=["car", "dog"])],
-            callback_on_step_end=lambda *a: steps.append(a) or {}, **call_kwargs("tiny-sd"),
+            PROMPTS[1],
+            seed=0,
+            controls=[ac.AStar(tokens=["car", "dog"])],
+            callback_on_step_end=lambda *a: steps.append(a) or {},
+            **call_kwargs("tiny-sd"),
         )
     assert steps == []
 
 
 def test_joint_attention_families_are_refused_before_any_step(tiny):
     with pytest.raises(NotImplementedError, match="joint attention"):
-        ControlledPipeline(tiny("tiny-sd3"))(PROMPTS[1], seed=0, controls=[ac.AttendExcite(tokens=["car"])], **call_kwargs("tiny-sd3"))
+        ControlledPipeline(tiny("tiny-sd3"))(
+            PROMPTS[1], seed=0, controls=[ac.AttendExcite(tokens=["car"])], **call_kwargs("tiny-sd3")
+        )
 
 
 def test_overlapping_groups_are_refused():

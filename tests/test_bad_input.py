@@ -1,4 +1,5 @@
 """Bad input gives a clear error naming the problem, and leaves the pipeline as it was."""
+
 import pytest
 import torch
 
@@ -60,5 +61,7 @@ def test_load_applies_embedded_defaults_and_equals_stock(tiny):
     assert pipe.defaults == {"max_sequence_length": 32}
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red car", seed=1, num_inference_steps=2, output_type="latent")
-    stock = tiny("tiny-sd3")("a red car", generator=torch.Generator().manual_seed(1), **call_kwargs("tiny-sd3", num_inference_steps=2))
+    stock = tiny("tiny-sd3")(
+        "a red car", generator=torch.Generator().manual_seed(1), **call_kwargs("tiny-sd3", num_inference_steps=2)
+    )
     assert torch.equal(out.images, stock.images)

@@ -1,4 +1,5 @@
 """The `attnctrl` command line (run in-process through `main`) and the control-argument registry."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,25 @@ def pixels(path: Path) -> np.ndarray:
 def test_generate_metadata_roundtrips(tmp_path, capsys):
     first = tmp_path / "first.png"
     rc, out, err = run(
-        capsys, "generate", PROMPT, "--model", "tiny-sd", "--seed", 3, "--steps", 2, "--guidance", 6,
-        "--negative", "blurry", "--control", "maps", "resolutions=16", "layers=cross,up", "-o", first,
+        capsys,
+        "generate",
+        PROMPT,
+        "--model",
+        "tiny-sd",
+        "--seed",
+        3,
+        "--steps",
+        2,
+        "--guidance",
+        6,
+        "--negative",
+        "blurry",
+        "--control",
+        "maps",
+        "resolutions=16",
+        "layers=cross,up",
+        "-o",
+        first,
     )
     assert rc == 0, err
     maps = tmp_path / "first.maps.png"  # an explicit maps control writes its heatmaps too
@@ -64,8 +82,24 @@ def test_generate_metadata_roundtrips(tmp_path, capsys):
 
     # regenerate from the metadata alone
     again = tmp_path / "again.png"
-    argv = ["generate", p["prompt"], "--model", p["model"], "--seed", p["seed"], "--steps", p["steps"],
-            "--guidance", p["guidance"], "--height", p["height"], "--width", p["width"], "--negative", p["negative_prompt"]]
+    argv = [
+        "generate",
+        p["prompt"],
+        "--model",
+        p["model"],
+        "--seed",
+        p["seed"],
+        "--steps",
+        p["steps"],
+        "--guidance",
+        p["guidance"],
+        "--height",
+        p["height"],
+        "--width",
+        p["width"],
+        "--negative",
+        p["negative_prompt"],
+    ]
     for c in p["controls"]:
         argv += ["--control", c["name"], *(f"{k}={v}" for k, v in c["args"].items())]
     rc, _, err = run(capsys, *argv, "-o", again)
@@ -78,7 +112,9 @@ def test_generate_metadata_roundtrips(tmp_path, capsys):
 
 def test_generate_maps_and_numbered_outputs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = run(capsys, "generate", PROMPT, "--seed", 0, "--steps", 2, "--num-images", 2, "--maps", "-o", "pic.png")
+    rc, out, err = run(
+        capsys, "generate", PROMPT, "--seed", 0, "--steps", 2, "--num-images", 2, "--maps", "-o", "pic.png"
+    )
     assert rc == 0, err
     assert out.split() == ["pic_0.png", "pic_1.png", "pic_0.maps.png", "pic_1.maps.png"]
     assert sorted(os.listdir(tmp_path)) == sorted(out.split())  # no temp files left behind
@@ -121,7 +157,9 @@ def _expected_sdxl_cross_at(res: int) -> set[str]:
 
 
 def _table_names(out: str) -> list[str]:
-    return [line.split()[0] for line in out.splitlines() if line.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
+    return [
+        line.split()[0] for line in out.splitlines() if line.startswith(("down_blocks.", "mid_block.", "up_blocks."))
+    ]
 
 
 def test_layers_select(capsys):
@@ -162,7 +200,17 @@ BAD = {
     "unknown control": ["generate", "a car", "--control", "nope", "-o", "{d}/x.png"],
     "unknown control key": ["generate", "a car", "--control", "maps", "bogus=1", "-o", "{d}/x.png"],
     "prompt after control": ["generate", "--control", "maps", "a car", "-o", "{d}/x.png"],
-    "selector matches nothing": ["generate", "a car", "--steps", "1", "--control", "maps", "layers=cross,res=3", "-o", "{d}/x.png"],
+    "selector matches nothing": [
+        "generate",
+        "a car",
+        "--steps",
+        "1",
+        "--control",
+        "maps",
+        "layers=cross,res=3",
+        "-o",
+        "{d}/x.png",
+    ],
     "unknown word": ["tokens", "a red car", "--word", "sheep"],
     "layers: no match": ["layers", "tiny-sdxl", "--select", "cross,res=3"],
     "layers: bad selector": ["layers", "tiny-sd", "--select", "bogus=1"],
@@ -257,19 +305,49 @@ class _Demo(Control):
         loose=None,
     ):
         super().__init__(layers=layers)
-        self.kw = dict(scale=scale, count=count, on=on, label=label, tokens=tokens, res=res, mode=mode,
-                       window=window, limit=limit, loose=loose)
+        self.kw = dict(
+            scale=scale,
+            count=count,
+            on=on,
+            label=label,
+            tokens=tokens,
+            res=res,
+            mode=mode,
+            window=window,
+            limit=limit,
+            loose=loose,
+        )
 
 
 def test_parse_kwargs_conversions():
-    kw = parse_kwargs(_Demo, [
-        "layers=cross,res=16", "scale=2.5", "count=7", "on=yes", "label=a,b", "tokens=car,white sheep,3",
-        "res=16,32", "mode=EXACT", "window=0,0.5", "limit=none", "loose=1.5",
-    ])
+    kw = parse_kwargs(
+        _Demo,
+        [
+            "layers=cross,res=16",
+            "scale=2.5",
+            "count=7",
+            "on=yes",
+            "label=a,b",
+            "tokens=car,white sheep,3",
+            "res=16,32",
+            "mode=EXACT",
+            "window=0,0.5",
+            "limit=none",
+            "loose=1.5",
+        ],
+    )
     assert kw == {
-        "layers": "cross,res=16", "scale": 2.5, "count": 7, "on": True, "label": "a,b",
-        "tokens": ["car", "white sheep", 3], "res": [16, 32], "mode": "exact", "window": (0.0, 0.5),
-        "limit": None, "loose": 1.5,
+        "layers": "cross,res=16",
+        "scale": 2.5,
+        "count": 7,
+        "on": True,
+        "label": "a,b",
+        "tokens": ["car", "white sheep", 3],
+        "res": [16, 32],
+        "mode": "exact",
+        "window": (0.0, 0.5),
+        "limit": None,
+        "loose": 1.5,
     }
     for text, value in [("true", True), ("0", False), ("No", False), ("1", True)]:
         assert parse_kwargs(_Demo, [f"on={text}"])["on"] is value
@@ -321,9 +399,28 @@ def test_parse_control_and_registry(monkeypatch):
 
 def test_control_params_schema():
     schema = {p["name"]: p for p in control_params(_Demo)}
-    assert list(schema) == ["layers", "scale", "count", "on", "label", "tokens", "res", "mode", "window", "limit", "loose"]
-    assert schema["scale"] == {"name": "scale", "type": "float", "default": 1.0, "required": False,
-                               "nullable": False, "choices": None, "doc": "how strong; a float spanning two lines."}
+    assert list(schema) == [
+        "layers",
+        "scale",
+        "count",
+        "on",
+        "label",
+        "tokens",
+        "res",
+        "mode",
+        "window",
+        "limit",
+        "loose",
+    ]
+    assert schema["scale"] == {
+        "name": "scale",
+        "type": "float",
+        "default": 1.0,
+        "required": False,
+        "nullable": False,
+        "choices": None,
+        "doc": "how strong; a float spanning two lines.",
+    }
     assert schema["layers"]["type"] == "selector" and schema["res"]["type"] == "list[int]"
     assert schema["res"]["nullable"] and schema["mode"]["choices"] == ["fast", "exact"]
     assert schema["window"]["type"] == "tuple[float, float]" and schema["limit"]["type"] == "int"

@@ -1,5 +1,6 @@
 """HeadHunter head search (`attnctrl.pipelines.head_search`, arXiv:2506.10978): picks agree with a hand evaluation,
 the found heads round-trip through JSON, searches resume from their cache, CLI, user scorers, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def pipe():
 def generate(pipe, prompts, seed, controls=(), output_type="pil"):
     """One call exactly as the search makes it: a CPU generator per prompt, all seeded with `seed`."""
     gens = [torch.Generator("cpu").manual_seed(seed) for _ in prompts]
-    return pipe(list(prompts), controls=list(controls), generator=gens, num_inference_steps=STEPS, output_type=output_type)
+    return pipe(
+        list(prompts), controls=list(controls), generator=gens, num_inference_steps=STEPS, output_type=output_type
+    )
 
 
 class Change:
@@ -86,17 +89,21 @@ def searched(pipe, tmp_path_factory):
         calls_again = calls.n
     finally:
         mp.undo()
-    return dict(scorer=scorer, cache=cache, short=short, full=full, again=again,
-                calls=(calls_short, calls_full, calls_again))
+    return dict(
+        scorer=scorer, cache=cache, short=short, full=full, again=again, calls=(calls_short, calls_full, calls_again)
+    )
 
 
 # ------------------------------------------------------------------------------ the search
 
 
 def test_candidates_are_the_self_attention_heads_of_the_selected_layers(pipe):
-    hand = [(layer.name, h) for layer in pipe.layers()
-            if layer.kind == "self" and layer.name.startswith(("mid_block.", "down_blocks.1."))
-            for h in range(layer.heads)]
+    hand = [
+        (layer.name, h)
+        for layer in pipe.layers()
+        if layer.kind == "self" and layer.name.startswith(("mid_block.", "down_blocks.1."))
+        for h in range(layer.heads)
+    ]
     assert len(hand) == 8 and sorted(candidate_heads(pipe, CANDIDATES)) == sorted(hand)  # attn2 (cross) skipped
     assert candidate_heads(pipe, "mid,heads=1|3") == [(MID, 1), (MID, 3)]
     with pytest.raises(ValueError, match="no self-attention layer"):
@@ -167,7 +174,12 @@ def test_search_resumes_from_its_cache(searched):
     later = sum(len(e["tried"]) for e in full.history[1:])
     assert full.cached == 1 + n_single and full.generated == later and calls_full == later * len(SEEDS)
     assert calls_again == 0 and again.generated == 0 and again.cached == 1 + n_single + later
-    assert (again.heads, again.score, again.history, again.baseline) == (full.heads, full.score, full.history, full.baseline)
+    assert (again.heads, again.score, again.history, again.baseline) == (
+        full.heads,
+        full.score,
+        full.history,
+        full.baseline,
+    )
     assert short.heads == full.heads[:1]
     files = list(searched["cache"].glob("heads-*.json"))
     assert len(files) == 1 and len(json.loads(files[0].read_text())["evaluations"]) == 1 + n_single + later
@@ -175,8 +187,20 @@ def test_search_resumes_from_its_cache(searched):
 
 def test_other_settings_do_not_reuse_the_cache(pipe, searched, monkeypatch):
     calls = Calls(monkeypatch)
-    result = search_heads(pipe, PROMPTS, SEEDS, searched["scorer"], rounds=1, top_k=1, candidates=f"name={MID},heads=0",
-                          scale=2.0, steps=STEPS, cache_dir=searched["cache"], progress=False, baseline=False)
+    result = search_heads(
+        pipe,
+        PROMPTS,
+        SEEDS,
+        searched["scorer"],
+        rounds=1,
+        top_k=1,
+        candidates=f"name={MID},heads=0",
+        scale=2.0,
+        steps=STEPS,
+        cache_dir=searched["cache"],
+        progress=False,
+        baseline=False,
+    )
     assert calls.n == len(SEEDS) and result.generated == 1 and result.heads == [(MID, 0)]
     assert len(list(searched["cache"].glob("heads-*.json"))) == 2
 
@@ -194,7 +218,10 @@ def test_builtin_scorers_measure_what_they_say():
         assert fn([flat], [""]) == [pytest.approx(0.0, abs=1e-12)], fn.__name__
     assert sharpness([noise], [""])[0] > sharpness([blurred], [""])[0] > 0
     assert gradient([noise], [""])[0] > gradient([blurred], [""])[0]
-    assert colorfulness([red], [""])[0] == pytest.approx(0.3 * math.hypot(255, 127.5)) and contrast([noise], [""])[0] > contrast([blurred], [""])[0]
+    assert (
+        colorfulness([red], [""])[0] == pytest.approx(0.3 * math.hypot(255, 127.5))
+        and contrast([noise], [""])[0] > contrast([blurred], [""])[0]
+    )
     assert set(SCORERS) >= {"sharpness", "contrast", "gradient", "colorfulness"}
     assert get_scorer("sharpness") is sharpness and scorer_id(sharpness) == "sharpness"
 
@@ -208,8 +235,18 @@ def test_user_scorer_from_module_path(pipe, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = get_scorer("my_scorers:brightness")
     assert fn.__name__ == "brightness"
-    result = search_heads(pipe, PROMPTS, SEEDS, "my_scorers:brightness", rounds=1, top_k=1,
-                          candidates="mid,heads=0|1", steps=STEPS, progress=False, baseline=False)
+    result = search_heads(
+        pipe,
+        PROMPTS,
+        SEEDS,
+        "my_scorers:brightness",
+        rounds=1,
+        top_k=1,
+        candidates="mid,heads=0|1",
+        steps=STEPS,
+        progress=False,
+        baseline=False,
+    )
     hand = {(MID, h): hand_score(pipe, fn, [(MID, h)]) for h in (0, 1)}
     assert result.scorer == "my_scorers:brightness" and result.heads == [max(hand, key=hand.get)]
     with pytest.raises(ValueError, match="cannot import"):
@@ -234,10 +271,15 @@ def test_scorer_output_is_checked():
 def test_bad_search_arguments(pipe):
     ok = dict(prompts=PROMPTS, seeds=SEEDS, scorer="sharpness", rounds=1, top_k=1, candidates="mid", steps=STEPS)
     for change, match in [
-        ({"rounds": 0}, "rounds must be a positive integer"), ({"top_k": -1}, "top_k"),
-        ({"prompts": []}, "prompts"), ({"prompts": ["  "]}, "prompts"), ({"seeds": [-1]}, "seeds"),
-        ({"scale": 0}, "scale must be a number > 0"), ({"softness": 0}, "softness"),
-        ({"scorer": "nope"}, "unknown scorer"), ({"candidates": "cross"}, "no self-attention layer"),
+        ({"rounds": 0}, "rounds must be a positive integer"),
+        ({"top_k": -1}, "top_k"),
+        ({"prompts": []}, "prompts"),
+        ({"prompts": ["  "]}, "prompts"),
+        ({"seeds": [-1]}, "seeds"),
+        ({"scale": 0}, "scale must be a number > 0"),
+        ({"softness": 0}, "softness"),
+        ({"scorer": "nope"}, "unknown scorer"),
+        ({"candidates": "cross"}, "no self-attention layer"),
         ({"steps": 0}, "steps must be a positive integer"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -260,9 +302,31 @@ def test_cli_search_writes_json_and_resumes(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car and a white sheep\n\n  a cat on a mat  \n")
     out, cache = tmp_path / "heads.json", tmp_path / "cache"
-    argv = ["heads", "search", "--model", "tiny-sd", "--prompts", prompts, "--seeds", 1, "--rounds", 2, "--top-k", 1,
-            "--scorer", "sharpness", "--candidates", "mid,heads=0|1;down_blocks.1,heads=2", "--steps", STEPS,
-            "--cache", cache, "--no-progress", "-o", out]
+    argv = [
+        "heads",
+        "search",
+        "--model",
+        "tiny-sd",
+        "--prompts",
+        prompts,
+        "--seeds",
+        1,
+        "--rounds",
+        2,
+        "--top-k",
+        1,
+        "--scorer",
+        "sharpness",
+        "--candidates",
+        "mid,heads=0|1;down_blocks.1,heads=2",
+        "--steps",
+        STEPS,
+        "--cache",
+        cache,
+        "--no-progress",
+        "-o",
+        out,
+    ]
     rc, stdout, err = run(capsys, *argv)
     assert rc == 0, err
     lines = stdout.strip().splitlines()

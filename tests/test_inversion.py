@@ -1,4 +1,5 @@
 """DDIM inversion (`attnctrl.inversion`): round trips, shapes, bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +81,9 @@ def test_round_trip_sdxl_with_ddim_from_config(tiny):
     pipe.set_progress_bar_config(disable=True)
     z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
     # the random tiny SDXL UNet needs many fixed-point iterations to converge (plain: 0.59 at 3 steps)
-    res = ac.ddim_invert(ControlledPipeline(pipe), None, PROMPT, num_inference_steps=2, latents=z0, fixed_point_iterations=40)
+    res = ac.ddim_invert(
+        ControlledPipeline(pipe), None, PROMPT, num_inference_steps=2, latents=z0, fixed_point_iterations=40
+    )
     assert _rel(_regenerate(pipe, "tiny-sdxl", res.zT, 2), z0) <= 1e-2
 
 

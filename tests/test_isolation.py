@@ -3,6 +3,7 @@
 Besides end-to-end runs on the tiny models, most properties are pinned on one hand-made layer call
 (`attend` over an `AttentionCall` built here) against the formula written out in the test.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,13 @@ class Probe(Control):
 def test_isolated_subjects_have_exactly_zero_attention_between_them(tiny, name, layer):
     probe = Probe(layer)  # a probability reader: the layer runs one SDPA for all rows (shared keys −∞ on references)
     ir = ac.IsolationReposition(
-        ["cat", "dog"], references=[0, 1], boxes=BOXES, reference_boxes=REF_BOXES, reposition=False, dropout=0.0, start_layer=0
+        ["cat", "dog"],
+        references=[0, 1],
+        boxes=BOXES,
+        reference_boxes=REF_BOXES,
+        reposition=False,
+        dropout=0.0,
+        start_layer=0,
     )
     run(tiny, name, [ir, probe])
     assert probe.seen
@@ -81,7 +88,9 @@ def test_reference_rows_are_vanilla_and_targets_change(tiny, name):
     # a target's keys would differ (see the mutation table in the report).
     stock = run(tiny, name).images
     for ir in (
-        ac.IsolationReposition(["cat", "dog"], references=[0, 1], boxes=BOXES, reference_boxes=REF_BOXES, start_layer=0),
+        ac.IsolationReposition(
+            ["cat", "dog"], references=[0, 1], boxes=BOXES, reference_boxes=REF_BOXES, start_layer=0
+        ),
         ac.IsolationReposition(["cat", "dog"], references=[0, 1], mask_step=1),  # regions from the maps, default layers
     ):
         out = run(tiny, name, [ir]).images
@@ -92,7 +101,11 @@ def test_reference_rows_are_vanilla_and_targets_change(tiny, name):
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
 def test_reposition_with_identical_boxes_equals_sharing_in_place(tiny, name):
     a = run(tiny, name, [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=BOXES)]).images
-    b = run(tiny, name, [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=BOXES, reposition=False)]).images
+    b = run(
+        tiny,
+        name,
+        [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=BOXES, reposition=False)],
+    ).images
     c = run(tiny, name, [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=REF_BOXES)]).images
     assert torch.equal(a, b)
     assert (a[2] - c[2]).abs().max().item() > 1e-5  # moving the reference subject matters
@@ -102,15 +115,27 @@ def test_pixel_boxes_and_masks_give_the_same_regions_as_normalised_boxes(tiny):
     masks = torch.zeros(2, 64, 64)
     masks[0, :, :32] = 1
     masks[1, :, 32:] = 1
-    a = run(tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=BOXES)]).images
-    b = run(tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes="0,0,32,64;32,0,64,64", reference_masks=masks)]).images
-    c = run(tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], [0, 1], masks=masks[:, ::2, ::2], reference_boxes=BOXES)]).images
+    a = run(
+        tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes=BOXES, reference_boxes=BOXES)]
+    ).images
+    b = run(
+        tiny,
+        "tiny-sd",
+        [ac.IsolationReposition(["cat", "dog"], [0, 1], boxes="0,0,32,64;32,0,64,64", reference_masks=masks)],
+    ).images
+    c = run(
+        tiny,
+        "tiny-sd",
+        [ac.IsolationReposition(["cat", "dog"], [0, 1], masks=masks[:, ::2, ::2], reference_boxes=BOXES)],
+    ).images
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_isolation_only_changes_the_image(tiny):
     stock = run(tiny, "tiny-sd", prompts=["a cat and a dog"]).images
-    out = run(tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], boxes=BOXES)], prompts=["a cat and a dog"]).images
+    out = run(
+        tiny, "tiny-sd", [ac.IsolationReposition(["cat", "dog"], boxes=BOXES)], prompts=["a cat and a dog"]
+    ).images
     assert (out - stock).abs().max().item() > 1e-5
 
 
@@ -210,10 +235,14 @@ def test_unknown_subject_word_fails_before_any_step(tiny):
 
 
 def test_cli_forms():
-    c = parse_control("isolation", ["subjects=cat,dog", "references=0,1", "boxes=0,0,32,64;32,0,64,64", "reposition=false"])
+    c = parse_control(
+        "isolation", ["subjects=cat,dog", "references=0,1", "boxes=0,0,32,64;32,0,64,64", "reposition=false"]
+    )
     assert isinstance(c, ac.IsolationReposition)
     assert c.boxes == [(0.0, 0.0, 32.0, 64.0), (32.0, 0.0, 64.0, 64.0)] and c.references == [0, 1] and not c.reposition
-    d = parse_control("isolation", ["subjects=cat", "references=0", "mutual-cross=0.5", "dropout=0", "seed=3", "start-layer=2"])
+    d = parse_control(
+        "isolation", ["subjects=cat", "references=0", "mutual-cross=0.5", "dropout=0", "seed=3", "start-layer=2"]
+    )
     assert (d.mutual_cross, d.dropout, d.seed, d.start_layer) == (0.5, 0.0, 3, 2)
     with pytest.raises(ControlArgError, match="masks"):
         parse_control("isolation", ["subjects=cat", "masks=x"])
@@ -255,8 +284,13 @@ LAYERS = [DOWN, UP, UP_CROSS]
 def hand_context(images=3, step=0, num_steps=10):
     """A run of `images` images at `step` on GRID, its denoiser tiny-sd's UNet (which has the layers above:
     the control reads their `LayerInfo`s from it)."""
-    return RunContext(family="sd", layout=BatchLayout.build(images, True), grid=GRID, state=StepState(step, 999.0, num_steps),
-                      denoiser=_cached("tiny-sd").unet)
+    return RunContext(
+        family="sd",
+        layout=BatchLayout.build(images, True),
+        grid=GRID,
+        state=StepState(step, 999.0, num_steps),
+        denoiser=_cached("tiny-sd").unet,
+    )
 
 
 def hand_run(ir, step=0, layers=LAYERS, images=3):
@@ -272,8 +306,16 @@ def hand_call(run, layer, seed=0, text=7, dim=8):
     q, k, v = (torch.randn(B, H, L if i == 0 or layer.kind == "self" else text, dim, generator=g) for i in range(3))
     cross = layer.kind == "cross"
     return AttentionCall(
-        layer=layer, run=run, q=q, k=k, v=v, q_image=slice(0, L), k_image=slice(0, 0) if cross else slice(0, L),
-        k_text=slice(0, text) if cross else None, grid=GRID, scale=dim**-0.5,
+        layer=layer,
+        run=run,
+        q=q,
+        k=k,
+        v=v,
+        q_image=slice(0, L),
+        k_image=slice(0, 0) if cross else slice(0, L),
+        k_text=slice(0, text) if cross else None,
+        grid=GRID,
+        scale=dim**-0.5,
     )
 
 
@@ -376,7 +418,9 @@ def test_mutual_cross_attention_by_value():
         q = call.q[row].double()
         read = lambda r, q=q: ((q @ call.k[r].double().transpose(-1, -2)) * call.scale).softmax(-1) @ call.v[r].double()
         want = vanilla[row].double().clone()
-        want[:, cat] = (1 - lam) * want[:, cat] + lam * read(r_cat)[:, cat]  # a cat query reads the cat reference's text
+        want[:, cat] = (1 - lam) * want[:, cat] + lam * read(r_cat)[
+            :, cat
+        ]  # a cat query reads the cat reference's text
         want[:, dog] = (1 - lam) * want[:, dog] + lam * read(r_dog)[:, dog]
         assert torch.allclose(o[row].double(), want, atol=1e-6)
     # λ = 0 is the vanilla layer
@@ -425,13 +469,17 @@ def test_dropout_thins_the_rows_that_read_each_reference_per_step():
     assert torch.equal(dropout_keep(7, 3, GRID, 2, 0.5), dropout_keep(7, 3, GRID, 2, 0.5))
     assert not torch.equal(dropout_keep(7, 3, (32, 32), 1, 0.5), dropout_keep(8, 3, (32, 32), 1, 0.5))
     assert abs(dropout_keep(0, 0, (64, 64), 1, 0.5).float().mean().item() - 0.5) < 0.05
-    assert ac.IsolationReposition(["cat"], [0]).dropout == 0.5 and ac.IsolationReposition(["cat"], [0]).mutual_cross == 0.9
+    assert (
+        ac.IsolationReposition(["cat"], [0]).dropout == 0.5 and ac.IsolationReposition(["cat"], [0]).mutual_cross == 0.9
+    )
 
 
 def test_dropout_never_empties_a_region():
     one = (0, 0, 0.25, 0.25)  # a single cell: cell 0
     step = next(s for s in range(100) if not dropout_keep(0, s, GRID, 1, 0.5)[0, 0])
-    ir = ac.IsolationReposition(["cat"], [0], boxes=[one], reference_boxes=[one], dropout=0.5, mutual_cross=0.0, start_layer=0)
+    ir = ac.IsolationReposition(
+        ["cat"], [0], boxes=[one], reference_boxes=[one], dropout=0.5, mutual_cross=0.0, start_layer=0
+    )
     probe = Probe(UP.name)
     run = hand_context(images=2, step=step, num_steps=200)
     run.plan = build_plan([ir, probe], LAYERS, GRID)
@@ -458,18 +506,35 @@ def unet_layers(blocks):
     for prefix, place, factor, attentions, per in blocks:
         for a in range(attentions):
             for t in range(per):
-                out.append(LayerInfo(f"{prefix}.attentions.{a}.transformer_blocks.{t}.attn1", "self", place, 0, factor, 2))
+                out.append(
+                    LayerInfo(f"{prefix}.attentions.{a}.transformer_blocks.{t}.attn1", "self", place, 0, factor, 2)
+                )
     return out
 
 
 def test_sharing_starts_in_the_decoder():
-    sdxl = unet_layers([("down_blocks.1", "down", 2, 2, 2), ("down_blocks.2", "down", 4, 2, 10), ("mid_block", "mid", 4, 1, 10),
-                        ("up_blocks.0", "up", 4, 3, 10), ("up_blocks.1", "up", 2, 3, 2)])
+    sdxl = unet_layers(
+        [
+            ("down_blocks.1", "down", 2, 2, 2),
+            ("down_blocks.2", "down", 4, 2, 10),
+            ("mid_block", "mid", 4, 1, 10),
+            ("up_blocks.0", "up", 4, 3, 10),
+            ("up_blocks.1", "up", 2, 3, 2),
+        ]
+    )
     assert len(sdxl) == 70 and default_start_layer(sdxl) == SDXL_START_LAYER == 36
     assert sdxl[36].name == "up_blocks.0.attentions.0.transformer_blocks.2.attn1"  # the reference code's start_layer=36
-    sd = unet_layers([("down_blocks.0", "down", 1, 2, 1), ("down_blocks.1", "down", 2, 2, 1), ("down_blocks.2", "down", 4, 2, 1),
-                      ("mid_block", "mid", 8, 1, 1), ("up_blocks.1", "up", 4, 3, 1), ("up_blocks.2", "up", 2, 3, 1),
-                      ("up_blocks.3", "up", 1, 3, 1)])
+    sd = unet_layers(
+        [
+            ("down_blocks.0", "down", 1, 2, 1),
+            ("down_blocks.1", "down", 2, 2, 1),
+            ("down_blocks.2", "down", 4, 2, 1),
+            ("mid_block", "mid", 8, 1, 1),
+            ("up_blocks.1", "up", 4, 3, 1),
+            ("up_blocks.2", "up", 2, 3, 1),
+            ("up_blocks.3", "up", 1, 3, 1),
+        ]
+    )
     assert len(sd) == 16 and default_start_layer(sd) == 7 and sd[7].name.startswith("up_blocks.1.")
     dit = [LayerInfo(f"transformer_blocks.{i}.attn", "joint", "blocks", i, 1, 2) for i in range(24)]
     assert default_start_layer(dit) == 12
@@ -493,7 +558,11 @@ def test_sharing_starts_in_the_decoder():
 def test_default_layers_on_the_tiny_models(tiny):
     """tiny-sd shares in its up blocks only; tiny-flux in its second half (single blocks)."""
     for name, shared, not_shared in (
-        ("tiny-sd", "up_blocks.1.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0.transformer_blocks.0.attn1"),
+        (
+            "tiny-sd",
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+            "mid_block.attentions.0.transformer_blocks.0.attn1",
+        ),
         ("tiny-flux", "single_transformer_blocks.0.attn", "transformer_blocks.1.attn"),
     ):
         probes = [Probe(shared), Probe(not_shared)]
@@ -543,7 +612,9 @@ def test_regions_from_maps_by_value():
     dog = torch.tensor([[0.0, 0.0, 0.3, 1.0], [0.0, 0.9, 0.5, 1.0], [0.0, 0.7, 0.9, 1.0], [0.0, 0.0, 0.2, 0.0]])
     maps = torch.stack([cat, dog])[None] * 4 + 2  # min-max normalisation undoes scale and offset
     got = regions_from_maps([maps], (4, 4), 0.5, torch.tensor([[True, True]]))[0]
-    want_cat = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).float()  # 0.5: not above; 0.7 = 0.7: tie
+    want_cat = torch.tensor(
+        [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    ).float()  # 0.5: not above; 0.7 = 0.7: tie
     want_dog = torch.tensor([[0, 0, 0, 1], [0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]]).float()
     assert torch.equal(got[0], want_cat) and torch.equal(got[1], want_dog)
     only_cat = regions_from_maps([maps], (4, 4), 0.5, torch.tensor([[True, False]]))[0]
@@ -552,16 +623,22 @@ def test_regions_from_maps_by_value():
 
 
 def test_the_map_reader_gives_the_thresholded_regions(tiny):
-    run_ = RunContext(family="sd", layout=BatchLayout.build(3, True), grid=GRID, prompts=PROMPTS, state=StepState(0, 999.0, 3))
+    run_ = RunContext(
+        family="sd", layout=BatchLayout.build(3, True), grid=GRID, prompts=PROMPTS, state=StepState(0, 999.0, 3)
+    )
     pipe = ControlledPipeline(tiny("tiny-sd"))
     set_run_facts(run_, pipe.pipe, pipe.denoiser, pipe.adapter)  # the tokenizers: subject words -> indices
     ir = ac.IsolationReposition(["cat", "dog"], [0, 1], mask_step=1)
     run_.plan = build_plan([ir], LAYERS, GRID)
     ir.begin(run_)
     call = hand_call(run_, UP_CROSS, text=77)
-    cat = torch.tensor([[0, 2, 4, 4], [0, 3, 4, 1], [0, 2, 1, 0], [0, 0, 0, 0]]).float().flatten()  # target "a cat and a dog"
+    cat = (
+        torch.tensor([[0, 2, 4, 4], [0, 3, 4, 1], [0, 2, 1, 0], [0, 0, 0, 0]]).float().flatten()
+    )  # target "a cat and a dog"
     dog = cat.flip(0)
-    ref_cat = torch.tensor([[0, 0, 0, 0], [0, 4, 3, 0], [0, 4, 1, 0], [0, 0, 0, 0]]).float().flatten()  # "a cat": token 2
+    ref_cat = (
+        torch.tensor([[0, 0, 0, 0], [0, 4, 3, 0], [0, 4, 1, 0], [0, 0, 0, 0]]).float().flatten()
+    )  # "a cat": token 2
     p = torch.zeros(6, 2, 16, 77)
     spread = torch.linspace(-0.5, 0.5, 16)  # the heads differ; their mean is the map
     for img, token, m in ((2, 2, cat), (2, 5, dog), (0, 2, ref_cat)):

@@ -1,4 +1,5 @@
 """The latent-update hook: gradients flow from attention probabilities back to the latents."""
+
 import torch
 
 import attnctrl as ac

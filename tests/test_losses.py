@@ -1,4 +1,5 @@
 """The attention losses and the latent optimiser on hand-made inputs with known answers."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """AttentionMaps: normalised per-token maps, per image, with bounded memory."""
+
 import pytest
 import torch
 from PIL import Image
@@ -80,7 +81,9 @@ def test_selector_with_no_match_is_an_error_and_leaves_pipeline_alone(tiny):
     pipe = tiny("tiny-sd")
     before = dict(pipe.unet.attn_processors)
     with pytest.raises(ac.SelectorError, match="res=64"):
-        ControlledPipeline(pipe)("a car", seed=0, controls=[ac.AttentionMaps(resolutions=[64])], **call_kwargs("tiny-sd"))
+        ControlledPipeline(pipe)(
+            "a car", seed=0, controls=[ac.AttentionMaps(resolutions=[64])], **call_kwargs("tiny-sd")
+        )
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
 
 
@@ -98,7 +101,7 @@ def test_joint_attention_words_map_to_t5_positions(tiny, name, prefix):
 
 
 def test_repeated_words_in_any_case_get_their_own_maps(tiny):
-    """"A Cat and a cat": the second cat is "cat#2" (counted case-insensitively, as words resolve),
+    """ "A Cat and a cat": the second cat is "cat#2" (counted case-insensitively, as words resolve),
     and its map is its own token's (token 5), not the first cat's (token 2)."""
     from attnctrl.app.runner import word_choices
     from attnctrl.tokens import word_labels

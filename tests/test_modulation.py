@@ -1,6 +1,7 @@
 """AttentionModulation (Wu et al. 2024, arXiv 2404.13899): neutral = stock, each component acts,
 and the paper's stated properties (masked groups get exactly zero attention, τ is a tempered
 softmax, weights reweight-and-renormalise) checked on single layer calls."""
+
 import pytest
 import torch
 
@@ -33,7 +34,9 @@ def diff(a, b) -> float:
 
 def at(index: int, num_steps: int) -> RunContext:
     """A bare run at step `index` of `num_steps` (for asking `attends`)."""
-    return RunContext(family="sd", layout=BatchLayout.build(1, True), grid=(0, 0), state=StepState(index, 0.0, num_steps))
+    return RunContext(
+        family="sd", layout=BatchLayout.build(1, True), grid=(0, 0), state=StepState(index, 0.0, num_steps)
+    )
 
 
 # ---------------------------------------------------------------------------------- neutral
@@ -63,7 +66,11 @@ def test_neutral_runs_no_hook(tiny, monkeypatch):
         raise AssertionError("a layer ran the controlled path with a neutral AttentionModulation")
 
     monkeypatch.setattr(unet, "attend", forbidden)
-    for c in [ac.AttentionModulation(), ac.AttentionModulation(groups=GROUPS, mask=False), ac.AttentionModulation("sheep")]:
+    for c in [
+        ac.AttentionModulation(),
+        ac.AttentionModulation(groups=GROUPS, mask=False),
+        ac.AttentionModulation("sheep"),
+    ]:
         assert not any(c.attends(at(i, 3)) for i in range(3))
         run(tiny, "tiny-sd", [c])
 
@@ -124,7 +131,9 @@ def test_stays_on_sdpa(tiny, name, monkeypatch):
 def group_columns(pipe, prompt, groups, family):
     """Per group, its text-key columns (all words) and its entity columns (last word)."""
     msl = 32 if family in ("sd3", "flux") else None
-    cols = [[i for w in g for i in joint_text_indices(pipe, prompt, w, family, max_sequence_length=msl)] for g in groups]
+    cols = [
+        [i for w in g for i in joint_text_indices(pipe, prompt, w, family, max_sequence_length=msl)] for g in groups
+    ]
     ent = [joint_text_indices(pipe, prompt, g[-1], family, max_sequence_length=msl) for g in groups]
     return cols, ent
 
@@ -160,7 +169,9 @@ class MaskProbe(Control):
         return p
 
 
-@pytest.mark.parametrize("name, family", [("tiny-sd", "sd"), ("tiny-sdxl", "sdxl"), ("tiny-sd3", "sd3"), ("tiny-flux", "flux")])
+@pytest.mark.parametrize(
+    "name, family", [("tiny-sd", "sd"), ("tiny-sdxl", "sdxl"), ("tiny-sd3", "sd3"), ("tiny-flux", "flux")]
+)
 def test_masked_patches_have_zero_probability_on_other_groups(tiny, name, family):
     groups = [["red", "car"], ["white", "sheep"]]
     probe = MaskProbe(*group_columns(tiny(name), PROMPT, groups, family))
@@ -190,7 +201,14 @@ def test_masking_follows_each_prompt(tiny):
             return p
 
     spy = PerPrompt()
-    run(tiny, "tiny-sd", [ac.AttentionModulation(groups), spy], prompt=prompts, num_images_per_prompt=2, num_inference_steps=2)
+    run(
+        tiny,
+        "tiny-sd",
+        [ac.AttentionModulation(groups), spy],
+        prompt=prompts,
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+    )
     assert spy.checked > 0
 
 
@@ -221,7 +239,9 @@ def test_weights_reweight_and_renormalise(tiny, name, family):
     entity = {c for e in ent for c in e}
     weights = {c: (3.0 if c in entity else 0.5) for g in cols for c in g}
     probe = WeightProbe(weights)
-    c = ac.AttentionModulation(GROUPS, mask=False, entity_weight=(3.0, 1.0), attribute_weight=(0.5, 2.0), phase_split=1.0)
+    c = ac.AttentionModulation(
+        GROUPS, mask=False, entity_weight=(3.0, 1.0), attribute_weight=(0.5, 2.0), phase_split=1.0
+    )
     run(tiny, name, [c, probe])
     assert probe.checked > 0
 
@@ -334,7 +354,10 @@ def test_one_control_serves_runs_in_a_row_as_fresh_ones(tiny):
 
 
 def test_groups_need_the_prompt_under_attach(tiny):
-    with pytest.raises(ValueError, match="ControlledPipeline"), ac.attach(tiny("tiny-sd"), [ac.AttentionModulation(GROUPS)]):
+    with (
+        pytest.raises(ValueError, match="ControlledPipeline"),
+        ac.attach(tiny("tiny-sd"), [ac.AttentionModulation(GROUPS)]),
+    ):
         pass
 
 

@@ -1,4 +1,5 @@
 """MutualSelfAttention (MasaCtrl; SynPS on FLUX): source rows, K/V replacement, layer counting, errors."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -45,8 +46,9 @@ class Inputs(Control):
         return latents
 
 
-@pytest.mark.parametrize("name, kw", [("tiny-sd", {"start_step": 1, "start_layer": 2}), ("tiny-sd3", {"start_step": 1}),
-                                      ("tiny-flux", {})])
+@pytest.mark.parametrize(
+    "name, kw", [("tiny-sd", {"start_step": 1, "start_layer": 2}), ("tiny-sd3", {"start_step": 1}), ("tiny-flux", {})]
+)
 def test_source_rows_are_vanilla_and_targets_change(tiny, name, kw):
     stock = run(tiny, name).images
     out = run(tiny, name, [ac.MutualSelfAttention(**kw)]).images
@@ -130,11 +132,15 @@ def test_one_image_is_a_no_op(tiny):
 def test_mask_guided_variant(tiny):
     full = torch.ones(32, 32)
     plain = run(tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2)]).images
-    same = run(tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2, source_mask=full, target_mask=full)]).images
+    same = run(
+        tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2, source_mask=full, target_mask=full)]
+    ).images
     assert torch.equal(plain, same)  # all foreground: plain mutual attention
     half = torch.zeros(64, 64)
     half[:, :32] = 1
-    out = run(tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2, source_mask=half, target_mask=half)]).images
+    out = run(
+        tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2, source_mask=half, target_mask=half)]
+    ).images
     assert (out[0] - plain[0]).abs().max().item() <= 1e-5 and (out[1:] - plain[1:]).abs().max().item() > 1e-5
 
 
@@ -202,8 +208,12 @@ def test_source_image_under_pndm_follows_the_trajectory_shared_attention_uses(ti
     prompts = ["a cat", "a cat jumping"]
     mutual, shared = Inputs(), Inputs()
     kw = call_kwargs("tiny-sd")
-    out = ControlledPipeline(pipe)(prompts, seed=0, controls=[
-        MutualSelfAttention(start_step=1, start_layer=2, source_image=image, inversion_guidance=2.0), mutual], **kw)
+    out = ControlledPipeline(pipe)(
+        prompts,
+        seed=0,
+        controls=[MutualSelfAttention(start_step=1, start_layer=2, source_image=image, inversion_guidance=2.0), mutual],
+        **kw,
+    )
     ControlledPipeline(pipe)(prompts, seed=0, controls=[ac.SharedAttention(reference_image=image), shared], **kw)
     assert pipe.scheduler.timesteps.tolist() == [667, 334, 334, 1]
     res = invert_trajectory(pipe, image, "a cat", pipe.scheduler.timesteps, guidance_scale=2.0, height=64, width=64)
@@ -218,13 +228,20 @@ def test_source_image_under_pndm_follows_the_trajectory_shared_attention_uses(ti
 # ---- one control object, several runs: what a run needs lives on the run ---------------------------
 
 
-@pytest.mark.parametrize("kw, runs", [
-    ({"start_step": 1, "start_layer": 2, "mask_tokens": "cat"},
-     [("tiny-sd", PROMPTS, {}), ("tiny-sd", ["a cat sitting", "a big cat"], {"num_inference_steps": 4})]),
-    ({"start_step": 1, "start_layer": 2, "source_image": "image"},
-     [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})]),
-    ({}, [("tiny-flux", PROMPTS, {}), ("tiny-sd3", PROMPTS[:2], {"num_inference_steps": 6})]),  # SynPS; then S = 4
-])
+@pytest.mark.parametrize(
+    "kw, runs",
+    [
+        (
+            {"start_step": 1, "start_layer": 2, "mask_tokens": "cat"},
+            [("tiny-sd", PROMPTS, {}), ("tiny-sd", ["a cat sitting", "a big cat"], {"num_inference_steps": 4})],
+        ),
+        (
+            {"start_step": 1, "start_layer": 2, "source_image": "image"},
+            [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})],
+        ),
+        ({}, [("tiny-flux", PROMPTS, {}), ("tiny-sd3", PROMPTS[:2], {"num_inference_steps": 6})]),  # SynPS; then S = 4
+    ],
+)
 def test_one_control_for_runs_in_a_row_is_a_fresh_control_each_time(tiny, kw, runs):
     image = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
     kw = {k: image if v == "image" else v for k, v in kw.items()}
@@ -271,14 +288,26 @@ def test_bad_arguments(kwargs, message):
 def test_inversion_needs_a_variance_preserving_scheduler(tiny):
     image = Image.new("RGB", (64, 64), "gray")
     with pytest.raises(ValueError, match="variance-preserving"):  # tiny-sdxl samples with Euler (sigma space)
-        run(tiny, "tiny-sdxl", [MutualSelfAttention(start_layer=2, source_image=image), NoStep()], prompts=["a cat", "a dog"])
+        run(
+            tiny,
+            "tiny-sdxl",
+            [MutualSelfAttention(start_layer=2, source_image=image), NoStep()],
+            prompts=["a cat", "a dog"],
+        )
 
 
 def test_cli_forms():
     c = parse_control("mutual", ["source=1", "start_step=2", "start_layer=3", "pe_modulation=false"])
     assert (c.source, c.start_step, c.start_layer, c.pe_modulation) == (1, 2, 3, False)
-    c = parse_control("mutual", ["mask_tokens=cat,hat", "target_mask_tokens=dog", "same_noise=false", "mask_threshold=0.2"])
-    assert (c.mask_tokens, c.target_mask_tokens, c.same_noise, c.mask_threshold) == (["cat", "hat"], ["dog"], False, 0.2)
+    c = parse_control(
+        "mutual", ["mask_tokens=cat,hat", "target_mask_tokens=dog", "same_noise=false", "mask_threshold=0.2"]
+    )
+    assert (c.mask_tokens, c.target_mask_tokens, c.same_noise, c.mask_threshold) == (
+        ["cat", "hat"],
+        ["dog"],
+        False,
+        0.2,
+    )
 
 
 # ---- one start noise for every image (MasaCtrl: start_code.expand; SynPS: repeat "1 ... -> bs ...") ----
@@ -291,7 +320,9 @@ def test_every_image_starts_from_the_source_noise(tiny, name, source):
     run(tiny, name, [stock], prompts=prompts, num_images_per_prompt=2)
     kw = {"start_step": 1, "start_layer": 2} if name == "tiny-sd" else {}
     run(tiny, name, [MutualSelfAttention(source=source, **kw), seen], prompts=prompts, num_images_per_prompt=2)
-    assert (stock.latents[0][1:] - stock.latents[0][:1]).abs().max().item() > 1.0  # the generator draws one start per image
+    assert (
+        stock.latents[0][1:] - stock.latents[0][:1]
+    ).abs().max().item() > 1.0  # the generator draws one start per image
     z = seen.latents[0]
     assert z.shape[0] == 4
     for row in range(4):
@@ -317,13 +348,18 @@ def test_same_noise_false_keeps_each_images_own_start_and_works_with_attach(tiny
     run(tiny, "tiny-sd", [c, seen], prompts=PROMPTS[:2])
     assert torch.equal(seen.latents[0], start.latents[0])
     assert isinstance(c, MutualSelfAttention) and not c.implements("before_step")
-    with pytest.raises(ValueError, match="before_step"), ac.attach(tiny("tiny-sd"), [MutualSelfAttention(start_step=1, start_layer=2)]):
+    with (
+        pytest.raises(ValueError, match="before_step"),
+        ac.attach(tiny("tiny-sd"), [MutualSelfAttention(start_step=1, start_layer=2)]),
+    ):
         pass
     # under attach the user passes one start code for every image, as MasaCtrl's playground does
     ref = run(tiny, "tiny-sd", [MutualSelfAttention(start_step=1, start_layer=2)], prompts=PROMPTS[:2]).images
     pipe = tiny("tiny-sd")
     with ac.attach(pipe, [c]):
-        got = pipe(PROMPTS[:2], latents=start.latents[0][:1].expand(2, -1, -1, -1).clone(), **call_kwargs("tiny-sd")).images
+        got = pipe(
+            PROMPTS[:2], latents=start.latents[0][:1].expand(2, -1, -1, -1).clone(), **call_kwargs("tiny-sd")
+        ).images
     assert (got - ref).abs().max().item() <= 1e-5
 
 
@@ -333,8 +369,17 @@ SELF_LAYER = LayerInfo(SD_LAYER, "self", "up", 1, 2, 1)
 
 
 def _self_call(run, q, k, v, grid):
-    return AttentionCall(layer=SELF_LAYER, run=run, q=q, k=k, v=v, q_image=slice(0, q.shape[2]),
-                         k_image=slice(0, k.shape[2]), grid=grid, scale=q.shape[-1] ** -0.5)
+    return AttentionCall(
+        layer=SELF_LAYER,
+        run=run,
+        q=q,
+        k=k,
+        v=v,
+        q_image=slice(0, q.shape[2]),
+        k_image=slice(0, k.shape[2]),
+        grid=grid,
+        scale=q.shape[-1] ** -0.5,
+    )
 
 
 def _qkv(tokens):
@@ -369,11 +414,13 @@ def test_mask_guided_foreground_reads_the_source_foreground_by_value():
 
 
 def test_auto_masks_normalise_resize_and_threshold_by_value():
-    maps = torch.tensor([
-        [0.0, 5.0, 10.0, 1.0],  # min-max: 0, .5, 1, .1 -> foreground where >= 0.1 (inclusive)
-        [20.0, 2.0, 2.9, 2.0],  # (x - 2) / 18: 1, 0, .05, 0 (x / max would keep all four)
-        [3.0, 3.0, 3.0, 3.0],  # constant: all background
-    ])
+    maps = torch.tensor(
+        [
+            [0.0, 5.0, 10.0, 1.0],  # min-max: 0, .5, 1, .1 -> foreground where >= 0.1 (inclusive)
+            [20.0, 2.0, 2.9, 2.0],  # (x - 2) / 18: 1, 0, .05, 0 (x / max would keep all four)
+            [3.0, 3.0, 3.0, 3.0],  # constant: all background
+        ]
+    )
     got = auto_masks(maps, (2, 2), (4, 4), 0.1).view(3, 4, 4).int()
     assert got[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]  # nearest upsampling
     assert got[1].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
@@ -385,9 +432,18 @@ MID_CROSS = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn2", "cros
 
 
 def _maps_call(run, p):
-    return AttentionCall(layer=MID_CROSS, run=run, q=torch.zeros(4, 2, 4, 3), k=torch.zeros(4, 2, 77, 3),
-                         v=torch.zeros(4, 2, 77, 3), q_image=slice(0, 4), k_image=slice(0, 0), k_text=slice(0, 77),
-                         grid=(2, 2), scale=1.0)
+    return AttentionCall(
+        layer=MID_CROSS,
+        run=run,
+        q=torch.zeros(4, 2, 4, 3),
+        k=torch.zeros(4, 2, 77, 3),
+        v=torch.zeros(4, 2, 77, 3),
+        q_image=slice(0, 4),
+        k_image=slice(0, 0),
+        k_text=slice(0, 77),
+        grid=(2, 2),
+        scale=1.0,
+    )
 
 
 def _probs(source_heads, target_heads, cat=2, dog=3):
@@ -408,14 +464,18 @@ def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(t
     picked = c.narrow_layers(select(pipe.layers(), c.layers, (8, 8)), (8, 8))
     cross = [lay.name for lay, _ in picked if lay.kind == "cross"]
     assert cross == [MID_CROSS.name]  # the maps: cross-attention at 1/4 of the grid (MasaCtrl: 16x16 at 512 px)
-    run = RunContext(family="sd", layout=BatchLayout.build(2, True), grid=(8, 8), prompts=["a cat sitting", "a big dog"])
+    run = RunContext(
+        family="sd", layout=BatchLayout.build(2, True), grid=(8, 8), prompts=["a cat sitting", "a big dog"]
+    )
     set_run_facts(run, pipe.pipe, pipe.denoiser, pipe.adapter)  # the tokenizers: words -> indices
     c.begin(run)
     run.state = StepState(0, 999.0, 4)
     # two layers, two heads: the mean over both is source [0, 5, 10, 1] (fg 1, 2, 3), target [10, 5, .9, 0] (fg 0, 1;
     # not the source's complement, so swapping the two masks' roles shows); a single layer or head alone gives other masks
-    for src, tgt in (([[0, 20, 0, 0], [0, 0, 0, 4]], [[20, 0, 0, 0], [0, 0, 0, 0]]),
-                     ([[0, 0, 20, 0], [0, 0, 20, 0]], [[0, 20, 3.6, 0], [20, 0, 0, 0]])):
+    for src, tgt in (
+        ([[0, 20, 0, 0], [0, 0, 0, 4]], [[20, 0, 0, 0], [0, 0, 0, 0]]),
+        ([[0, 0, 20, 0], [0, 0, 20, 0]], [[0, 20, 3.6, 0], [20, 0, 0, 0]]),
+    ):
         assert c.needs_probs(_maps_call(run, None))
         c.probs(_maps_call(run, None), _probs(src, tgt))
     q, k, v = _qkv(16)  # an up-block self-attention layer at 4x4: the 2x2 masks resized (nearest)
@@ -467,7 +527,9 @@ class MaskCheck(Control):
         q, k, v = call.q[t], call.k[t], call.v[t]  # k, v: already the source's
         fg = torch.where(masks[0], 0.0, float("-inf")).view(1, 1, 1, -1)
         o_fg = F.scaled_dot_product_attention(q, k, v, attn_mask=fg)
-        o_bg = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(masks[0], float("-inf"), 0.0).view(1, 1, 1, -1))
+        o_bg = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.where(masks[0], float("-inf"), 0.0).view(1, 1, 1, -1)
+        )
         m = masks[1].float().view(1, 1, -1, 1)
         assert torch.allclose(o[t], m * o_fg + (1 - m) * o_bg, atol=1e-5)
         self.moved = max(self.moved, (o[t] - F.scaled_dot_product_attention(q, k, v)).abs().max().item())

@@ -1,4 +1,5 @@
 """Every package folder ships: a wheel (not only an editable install) contains all of attnctrl."""
+
 from pathlib import Path
 
 import tomllib

@@ -1,4 +1,5 @@
 """Disabled equals stock: ControlledPipeline reproduces the plain diffusers pipeline on every family."""
+
 import pytest
 import torch
 
@@ -52,7 +53,13 @@ def test_controlled_processor_path_equals_stock(tiny, name):
 
 def test_no_cfg_and_decoded_images_equal_stock(tiny):
     pipe = tiny("tiny-sd")
-    ref = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=1.0, output_type="np").images
+    ref = pipe(
+        PROMPTS[0],
+        generator=torch.Generator().manual_seed(3),
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="np",
+    ).images
     out = ControlledPipeline(pipe)(PROMPTS[0], seed=3, num_inference_steps=2, guidance_scale=1.0, output_type="np")
     assert abs(out.images - ref).max() <= 1e-5
 

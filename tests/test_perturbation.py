@@ -1,4 +1,5 @@
 """PAG / HeadPerturbation: parity with diffusers' PAG pipelines and SoftPAG's stated properties."""
+
 import json
 
 import pytest
@@ -23,12 +24,16 @@ def diffusers_pag(tiny, name, layers, **kw):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
-@pytest.mark.parametrize("guidance, adaptive, rescale", [(5.0, 0.0, 0.0), (1.0, 0.0, 0.0), (5.0, 0.002, 0.0), (5.0, 0.0, 0.7)])
+@pytest.mark.parametrize(
+    "guidance, adaptive, rescale", [(5.0, 0.0, 0.0), (1.0, 0.0, 0.0), (5.0, 0.002, 0.0), (5.0, 0.0, 0.7)]
+)
 def test_pag_matches_diffusers_unet(tiny, name, guidance, adaptive, rescale):
     """rescale > 0: diffusers adds the PAG term, then rescales the sum toward ε_c (rescaling first differs by 0.09)."""
     kw = call_kwargs(name, guidance_scale=guidance, guidance_rescale=rescale)
     ref = diffusers_pag(tiny, name, ["mid"], pag_scale=3.0, pag_adaptive_scale=adaptive, **kw)
-    out = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.PAG("mid", scale=3.0, adaptive_scale=adaptive)], **kw)
+    out = ControlledPipeline(tiny(name))(
+        PROMPT, seed=0, controls=[ac.PAG("mid", scale=3.0, adaptive_scale=adaptive)], **kw
+    )
     assert (out.images - ref).abs().max().item() <= 1e-5
     assert (out.images - stock_latents(tiny(name), PROMPT, **kw)).abs().max().item() > 1e-3  # PAG did something
 
@@ -70,7 +75,9 @@ def test_qk_norm_unperturbed_branches_equal_plain_forward_and_dual_attention_run
 @pytest.mark.parametrize("settings", [{"softness": 0.0}, {"scale": 0.0}])
 def test_zero_softness_or_scale_is_stock(tiny, name, settings):
     kw = call_kwargs(name)
-    out = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.HeadPerturbation("self,heads=0", **settings)], **kw)
+    out = ControlledPipeline(tiny(name))(
+        PROMPT, seed=0, controls=[ac.HeadPerturbation("self,heads=0", **settings)], **kw
+    )
     assert (out.images - stock_latents(tiny(name), PROMPT, **kw)).abs().max().item() <= 1e-5
 
 
@@ -90,7 +97,9 @@ class Check(Control):
         for h in self.heads:
             expected[ptb, h] = (1 - self.u) * full[ptb, h] + self.u * call.v[ptb, h]
         assert torch.allclose(o, expected, atol=1e-6)
-        assert torch.equal(o[: ptb.start], full[: ptb.start]) or torch.allclose(o[: ptb.start], full[: ptb.start], atol=1e-7)
+        assert torch.equal(o[: ptb.start], full[: ptb.start]) or torch.allclose(
+            o[: ptb.start], full[: ptb.start], atol=1e-7
+        )
         self.checked += 1
         return o
 
@@ -99,7 +108,10 @@ def test_perturbed_heads_follow_softpag_and_only_they_change(tiny):
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  # 4 heads
     check = Check(u=0.4, heads=[1, 3])
     ControlledPipeline(tiny("tiny-sd"))(
-        PROMPT, seed=0, controls=[ac.HeadPerturbation([(layer, 1), (layer, 3)], softness=0.4), check], **call_kwargs("tiny-sd")
+        PROMPT,
+        seed=0,
+        controls=[ac.HeadPerturbation([(layer, 1), (layer, 3)], softness=0.4), check],
+        **call_kwargs("tiny-sd"),
     )
     assert check.checked == 3
 
@@ -110,13 +122,17 @@ def test_identity_perturbation_never_calls_explicit_softmax(tiny, name, monkeypa
         raise AssertionError("explicit softmax on the perturbed branch")
 
     monkeypatch.setattr(attention, "attention_probs", forbidden)
-    out = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.HeadPerturbation("self", softness=0.7)], **call_kwargs(name))
+    out = ControlledPipeline(tiny(name))(
+        PROMPT, seed=0, controls=[ac.HeadPerturbation("self", softness=0.7)], **call_kwargs(name)
+    )
     assert torch.isfinite(out.images).all()
 
 
 def test_flux_has_only_the_perturbed_extra_branch(tiny):
     spy = Preds()
-    out = ControlledPipeline(tiny("tiny-flux"))(PROMPT, seed=0, controls=[ac.PAG("single_transformer_blocks.1"), spy], **call_kwargs("tiny-flux"))
+    out = ControlledPipeline(tiny("tiny-flux"))(
+        PROMPT, seed=0, controls=[ac.PAG("single_transformer_blocks.1"), spy], **call_kwargs("tiny-flux")
+    )
     assert sorted(spy.first) == ["cond", "perturbed"]
     assert (out.images - stock_latents(tiny("tiny-flux"), PROMPT, **call_kwargs("tiny-flux"))).abs().max().item() > 1e-4
 
@@ -142,7 +158,10 @@ def test_uniform_kind_mixes_toward_the_mean_value(tiny):
     check = Mean(0.5, [])
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
     ControlledPipeline(tiny("tiny-sd"))(
-        PROMPT, seed=0, controls=[ac.HeadPerturbation(f"name={layer}", softness=0.5, kind="uniform"), check], **call_kwargs("tiny-sd")
+        PROMPT,
+        seed=0,
+        controls=[ac.HeadPerturbation(f"name={layer}", softness=0.5, kind="uniform"), check],
+        **call_kwargs("tiny-sd"),
     )
     assert check.checked == 3
 
@@ -170,7 +189,9 @@ def test_heads_from_json_file(tiny, tmp_path):
 )
 def test_bad_input(tiny, kwargs, error, message):
     with pytest.raises(error, match=message):
-        ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.HeadPerturbation(**kwargs)], **call_kwargs("tiny-sd"))
+        ControlledPipeline(tiny("tiny-sd"))(
+            PROMPT, seed=0, controls=[ac.HeadPerturbation(**kwargs)], **call_kwargs("tiny-sd")
+        )
 
 
 def test_outside_the_step_range_guidance_is_off(tiny):

@@ -1,4 +1,5 @@
 """The noun-phrase chunker: built-in rules, user phrases, and the spaCy path (mocked)."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,10 @@ from attnctrl.tokens import TokenError, prompt_words
 
 CASES = [
     ("a red car and a white sheep", ["a red car", "a white sheep"]),
-    ("a brown dog sitting on a blue bench next to a green umbrella", ["a brown dog", "a blue bench", "a green umbrella"]),
+    (
+        "a brown dog sitting on a blue bench next to a green umbrella",
+        ["a brown dog", "a blue bench", "a green umbrella"],
+    ),
     ("two cats and a dog", ["two cats", "a dog"]),
     ("an astronaut riding a horse", ["an astronaut", "a horse"]),
     ("a small red circle above a big blue square", ["a small red circle", "a big blue square"]),
@@ -59,7 +63,9 @@ def test_phrase_word_ranges_match_prompt_words(prompt, expected):
 def test_repeated_phrase_gets_its_occurrence():
     found = rule_noun_phrases("a dog next to a cat and a dog")
     assert [(p.text, p.occurrence, p.spec) for p in found] == [
-        ("a dog", 1, "a dog"), ("a cat", 1, "a cat"), ("a dog", 2, "a dog#2")
+        ("a dog", 1, "a dog"),
+        ("a cat", 1, "a cat"),
+        ("a dog", 2, "a dog#2"),
     ]
     assert found[2].start_word == 7 and found[2].end_word == 9
 
@@ -104,7 +110,10 @@ def test_auto_uses_spacy_when_a_model_loads(monkeypatch):
     assert [(p.text, p.start_word, p.end_word) for p in got] == [("a red car", 0, 3), ("a white sheep", 4, 7)]
     # rules on request even with spaCy present
     fake.chunks = ["sheep"]
-    assert [p.text for p in noun_phrases("a red car and a white sheep", backend="rules")] == ["a red car", "a white sheep"]
+    assert [p.text for p in noun_phrases("a red car and a white sheep", backend="rules")] == [
+        "a red car",
+        "a white sheep",
+    ]
 
 
 def test_auto_falls_back_to_rules_and_spacy_backend_errors_without_model(monkeypatch):

@@ -1,4 +1,5 @@
 """Layer selectors pick exactly the layers they name, and say so when they pick none."""
+
 import pytest
 
 from attnctrl.layers import LayerInfo, list_layers
@@ -97,7 +98,9 @@ def test_joint_layers_have_both_parts_and_dual_attention_is_self(tiny):
     layers = list_layers(tiny("tiny-sd35").transformer)
     assert names(select(layers, "cross")) == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
     assert names(select(layers, "self")) == [
-        "transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn",
+        "transformer_blocks.0.attn",
+        "transformer_blocks.0.attn2",
+        "transformer_blocks.1.attn",
     ]
     assert names(select(layers, "attn2")) == ["transformer_blocks.0.attn2"]
 
@@ -113,9 +116,18 @@ def test_pag_diffusers_matching_picks_what_diffusers_pag_picks(dual):
     import attnctrl as ac
 
     model = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=12, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
-        pos_embed_max_size=16, dual_attention_layers=dual,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=12,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=16,
+        dual_attention_layers=dual,
     )
     layers = list_layers(model)
     processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
@@ -143,7 +155,9 @@ def test_pag_diffusers_matching_picks_what_diffusers_pag_picks(dual):
         assert picked == diffusers_picks(spec)
     attn = [f"transformer_blocks.{i}.attn" for i in (1, 10, 11)]
     attn2 = [f"transformer_blocks.{i}.attn2" for i in (1, 10) if i in dual]
-    assert sorted(names(select(layers, ac.PAG("transformer_blocks.1", match="diffusers").layers))) == sorted(attn + attn2)
+    assert sorted(names(select(layers, ac.PAG("transformer_blocks.1", match="diffusers").layers))) == sorted(
+        attn + attn2
+    )
     # the whole-segment default: block 1 only
     assert sorted(names(select(layers, ac.PAG("transformer_blocks.1").layers))) == sorted(
         ["transformer_blocks.1.attn"] + (["transformer_blocks.1.attn2"] if 1 in dual else [])

@@ -1,4 +1,5 @@
 """The Shapes world: deterministic scenes, exact rendering, captions that match the objects."""
+
 import numpy as np
 import pytest
 
@@ -48,8 +49,12 @@ def test_scene_invariants():
             assert 0 <= x0 and 0 <= y0 and x1 <= IMAGE_SIZE and y1 <= IMAGE_SIZE
         for i, a in enumerate(objs):  # at least GAP empty pixels between any two boxes
             for b in objs[i + 1 :]:
-                assert a.box[2] + GAP <= b.box[0] or b.box[2] + GAP <= a.box[0] or \
-                    a.box[3] + GAP <= b.box[1] or b.box[3] + GAP <= a.box[1], scene
+                assert (
+                    a.box[2] + GAP <= b.box[0]
+                    or b.box[2] + GAP <= a.box[0]
+                    or a.box[3] + GAP <= b.box[1]
+                    or b.box[3] + GAP <= a.box[1]
+                ), scene
     assert counts == {1, 2, 3}
     assert all(len(next(samples(1, 5, n))[1].objects) == n for n in (1, 2, 3))
 
@@ -82,7 +87,10 @@ def test_captions_name_the_objects_in_order():
     assert caption_of(objs[:1]) == "a red circle"
     assert caption_of(objs[:2]) == "a red circle and a blue square"
     assert caption_of(objs) == "a red circle, a blue square and a green triangle"
-    assert caption_of([("blue", "triangle"), ("yellow", "circle")], "left of") == "a blue triangle to the left of a yellow circle"
+    assert (
+        caption_of([("blue", "triangle"), ("yellow", "circle")], "left of")
+        == "a blue triangle to the left of a yellow circle"
+    )
     assert caption_of(objs[:2], "above") == "a red circle above a blue square"
     assert parse_caption("A small Red circle, a large blue square") == [("red", "circle"), ("blue", "square")]
     with pytest.raises(ValueError):

@@ -82,7 +82,10 @@ def test_array_inputs_and_other_sizes():
 
 
 def test_fragments_are_merged_and_off_colour_patches_ignored():
-    objs = (ShapeObject("square", "red", "large", (6, 6, 32, 32)), ShapeObject("circle", "green", "small", (40, 40, 56, 56)))
+    objs = (
+        ShapeObject("square", "red", "large", (6, 6, 32, 32)),
+        ShapeObject("circle", "green", "small", (40, 40, 56, 56)),
+    )
     a = np.array(render(Scene(objs, caption_of(objs))))
     a[18, 6:32] = 255  # a white line splits the square into two fragments
     a[40:44, 4:8] = COLORS["red"]  # a red blob far from the square: a separate (too small) component
@@ -100,7 +103,13 @@ def test_score_hand_made_cases():
     caption = "a red circle and a blue square"
     good = [_obj("circle", "red"), _obj("square", "blue", (30, 30, 46, 46))]
     s = score(caption, good)
-    assert (s["presence"], s["binding"], s["count"], s["presence_rate"], s["binding_rate"]) == (True, True, True, 1.0, 1.0)
+    assert (s["presence"], s["binding"], s["count"], s["presence_rate"], s["binding_rate"]) == (
+        True,
+        True,
+        True,
+        1.0,
+        1.0,
+    )
     assert s["relation"] is None
 
     missing = score(caption, good[:1])
@@ -108,13 +117,23 @@ def test_score_hand_made_cases():
     assert missing["binding"] is True  # the circle that is there has the right colour
 
     swapped = score(caption, [_obj("circle", "blue"), _obj("square", "red")])
-    assert (swapped["presence"], swapped["binding"], swapped["binding_rate"], swapped["count"]) == (False, False, 0.0, True)
+    assert (swapped["presence"], swapped["binding"], swapped["binding_rate"], swapped["count"]) == (
+        False,
+        False,
+        0.0,
+        True,
+    )
 
     extra = score(caption, [*good, _obj("triangle", "green")])
     assert (extra["presence"], extra["binding"], extra["count"]) == (True, True, False)
 
     nothing = score(caption, [])
-    assert (nothing["presence"], nothing["binding"], nothing["binding_rate"], nothing["count"]) == (False, False, None, False)
+    assert (nothing["presence"], nothing["binding"], nothing["binding_rate"], nothing["count"]) == (
+        False,
+        False,
+        None,
+        False,
+    )
 
 
 def test_score_relation_and_targets():
@@ -125,8 +144,11 @@ def test_score_relation_and_targets():
     assert score(caption.replace("left", "right"), [left, right])["relation"] is False
     assert score("a blue triangle above a yellow circle", [left, right])["relation"] is False
     assert score(caption, [left])["relation"] is False
-    scene = Scene((ShapeObject("triangle", "blue", "small", left.box), ShapeObject("circle", "yellow", "small", right.box)),
-                  caption, "left of")
+    scene = Scene(
+        (ShapeObject("triangle", "blue", "small", left.box), ShapeObject("circle", "yellow", "small", right.box)),
+        caption,
+        "left of",
+    )
     assert score(scene, [left, right]) == score(caption, [left, right])
     assert score([("blue", "triangle")], [left, right])["count"] is False
     with pytest.raises(ValueError):
@@ -180,8 +202,22 @@ def test_benchmark_dry_run_end_to_end(tmp_path, capsys):
     import json
 
     bench = _bench()
-    argv = ["--model", "tiny-sd", "--prompts", "1", "--seeds", "1", "--steps", "2", "--methods", "none",
-            "--threads", "1", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        "tiny-sd",
+        "--prompts",
+        "1",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--methods",
+        "none",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
     assert "command: bench/compositional.py --model tiny-sd" in text and "| none |" in text

@@ -1,4 +1,5 @@
 """The Shapes model: tokenizer, training reproducibility and resume, the shipped weights, loading."""
+
 import json
 
 import numpy as np
@@ -46,7 +47,15 @@ def test_tokenizer_is_word_level_and_shipped_files_are_current(tmp_path):
     assert merges(tmp_path) == merges(shipped)
 
 
-TINY = {"vae_steps": 2, "vae_batch": 2, "steps": 3, "batch": 2, "scale_batches": 1, "warmup": 1, "checkpoint_every": 100}
+TINY = {
+    "vae_steps": 2,
+    "vae_batch": 2,
+    "steps": 3,
+    "batch": 2,
+    "scale_batches": 1,
+    "warmup": 1,
+    "checkpoint_every": 100,
+}
 
 
 def _sig3(losses):
@@ -79,8 +88,14 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
 
 
 def _latents(pipe, prompt="a red circle", steps=2):
-    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                output_type="latent", height=64, width=64).images
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        height=64,
+        width=64,
+    ).images
 
 
 def test_save_and_reload_roundtrip(tmp_path):
@@ -127,6 +142,9 @@ def test_shapes_is_the_embedded_default():
     image = out.images[0]
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 10  # a drawn picture, not a flat field
-    assert load_pipeline(" Shapes ").unet.config.cross_attention_dim == load_pipeline("shapes").text_encoder.config.hidden_size
+    assert (
+        load_pipeline(" Shapes ").unet.config.cross_attention_dim
+        == load_pipeline("shapes").text_encoder.config.hidden_size
+    )
     with pytest.raises(TypeError, match="shapes"):
         load_pipeline("shapes", variant="fp16")

@@ -1,5 +1,6 @@
 """SharedAttention (StyleAligned; AlignedGen ShiftPE on FLUX): the papers' properties, an independent
 re-derivation of one layer call, composition, reference images and the CLI."""
+
 import math
 
 import numpy as np
@@ -36,8 +37,15 @@ class Probe(Control):
 
     def qkv(self, call):
         if self.seen is None:
-            self.seen = {"q": call.q.clone(), "k": call.k.clone(), "v": call.v.clone(), "scale": call.scale,
-                         "rope": call.extras.get("rope"), "k_image": call.k_image, "q_image": call.q_image}
+            self.seen = {
+                "q": call.q.clone(),
+                "k": call.k.clone(),
+                "v": call.v.clone(),
+                "scale": call.scale,
+                "rope": call.extras.get("rope"),
+                "k_image": call.k_image,
+                "q_image": call.q_image,
+            }
 
     def out(self, call, o):
         if self.o is None:
@@ -98,7 +106,9 @@ def test_adain_gives_targets_the_reference_statistics(tiny):
     pipe = tiny("tiny-sd")
     layer = first_self_layer(pipe)
     after = Probe(layer)
-    ControlledPipeline(pipe)(PROMPTS, seed=0, controls=[ac.SharedAttention(reference=2), after], **call_kwargs("tiny-sd"))
+    ControlledPipeline(pipe)(
+        PROMPTS, seed=0, controls=[ac.SharedAttention(reference=2), after], **call_kwargs("tiny-sd")
+    )
     q, k = after.seen["q"], after.seen["k"][:, :, : after.seen["q"].shape[2]]
     for x in (q, k):
         for branch in (0, 1):  # uncond, cond: each has its own reference row
@@ -128,8 +138,13 @@ def test_outside_layers_and_steps_is_stock(tiny):
 
     cp = ControlledPipeline(pipe)
     kw = call_kwargs("tiny-sd")
-    cp(PROMPTS[:2], seed=0, controls=[ac.SharedAttention(layers=f"name={layer}", steps=(1, 3)), Spy()],
-       callback_on_step_end=keep, **kw)
+    cp(
+        PROMPTS[:2],
+        seed=0,
+        controls=[ac.SharedAttention(layers=f"name={layer}", steps=(1, 3)), Spy()],
+        callback_on_step_end=keep,
+        **kw,
+    )
     shared_lat, lat = lat, {}
     cp(PROMPTS[:2], seed=0, callback_on_step_end=keep, **kw)
     assert {(i, n) for i, n, ext in seen if ext} == {(1, layer), (2, layer)}
@@ -184,13 +199,17 @@ def test_flux_shifted_position_embedding(tiny):
     pipe = tiny("tiny-flux")
     before, after = Probe(FLUX_SINGLE[0]), Probe(FLUX_SINGLE[0])
     cp = ControlledPipeline(pipe)
-    cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(reference=0, shared_scale=1.0), after],
-       **call_kwargs("tiny-flux"))
+    cp(
+        PROMPTS[:2],
+        seed=0,
+        controls=[before, ac.SharedAttention(reference=0, shared_scale=1.0), after],
+        **call_kwargs("tiny-flux"),
+    )
     shifted = _shifted_reference_keys(pipe, cp, before)
-    appended = after.seen["k"][:, :, before.seen["k"].shape[2]:]
+    appended = after.seen["k"][:, :, before.seen["k"].shape[2] :]
     assert appended.shape[2] == shifted.shape[2]
     for row in (0, 1):  # the reference row's copy (masked) and the target's
-        assert (appended[row:row + 1] - shifted).abs().max().item() <= 1e-4
+        assert (appended[row : row + 1] - shifted).abs().max().item() <= 1e-4
 
 
 def test_flux_defaults_are_aligned_gen(tiny):
@@ -211,7 +230,7 @@ def test_flux_defaults_are_aligned_gen(tiny):
     cp(PROMPTS[:2], seed=0, controls=[before, ac.SharedAttention(), after, Spy()], **kw)
     assert {(i, n) for i, n, ext in seen if ext} == {(i, n) for i in range(3) for n in FLUX_SINGLE}
     assert {n for _, n, ext in seen if not ext} == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
-    appended = after.seen["k"][:, :, before.seen["k"].shape[2]:]
+    appended = after.seen["k"][:, :, before.seen["k"].shape[2] :]
     assert torch.equal(appended[1], appended[0] * 1.1)  # the target sees 1.1·K_ref; the reference's copy is masked
     assert (appended[0:1] - _shifted_reference_keys(pipe, cp, before)).abs().max().item() <= 1e-4
 
@@ -382,7 +401,9 @@ def test_reference_row_takes_the_offset_inverted_latents(tiny, offset, picked):
     spy = RefRow()
     control = ac.SharedAttention(reference_image=_image(), inversion_offset=offset)
     _run(pipe, "tiny-sd", PROMPTS[:2], [control, spy], num_inference_steps=4)
-    res = invert_trajectory(pipe, _image(), PROMPTS[0], _ddim_timesteps(pipe, 4), guidance_scale=2.0, height=64, width=64)
+    res = invert_trajectory(
+        pipe, _image(), PROMPTS[0], _ddim_timesteps(pipe, 4), guidance_scale=2.0, height=64, width=64
+    )
     assert spy.timesteps == res.timesteps.tolist() == [751, 501, 251, 1]
     for z, k in zip(spy.seen, picked, strict=True):
         assert torch.equal(z, res.at_step(k)[0])
@@ -404,7 +425,9 @@ def test_inversion_guidance_reaches_the_reference_row(tiny):
 
 def test_inversion_offset_must_be_below_the_number_of_steps(tiny):
     with pytest.raises(ValueError, match="inversion_offset=3 but the run has 3 scheduler steps"):
-        _run(tiny("tiny-sd"), "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image(), inversion_offset=3)])
+        _run(
+            tiny("tiny-sd"), "tiny-sd", PROMPTS[:2], [ac.SharedAttention(reference_image=_image(), inversion_offset=3)]
+        )
     with pytest.raises(ValueError, match="inversion_guidance"):
         ac.SharedAttention(inversion_guidance=0.5)
 
@@ -419,12 +442,17 @@ def test_reference_image_needs_a_variance_preserving_scheduler(tiny):
 # ---- one control object, several runs: what a run needs lives on the run ---------------------------
 
 
-@pytest.mark.parametrize("kw, runs", [
-    ({"reference_image": "image", "inversion_offset": 1},
-     [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})]),
-    ({}, [("tiny-flux", PROMPTS, {}), ("tiny-flux", PROMPTS[:2], {"height": 64, "width": 32})]),  # ShiftPE by width
-    ({"shared_norms": True, "reference": 1}, [("tiny-sdxl", PROMPTS, {}), ("tiny-sd", PROMPTS[:2], {})]),
-])
+@pytest.mark.parametrize(
+    "kw, runs",
+    [
+        (
+            {"reference_image": "image", "inversion_offset": 1},
+            [("tiny-sd", PROMPTS[:2], {}), ("tiny-sd", PROMPTS, {"num_inference_steps": 4})],
+        ),
+        ({}, [("tiny-flux", PROMPTS, {}), ("tiny-flux", PROMPTS[:2], {"height": 64, "width": 32})]),  # ShiftPE by width
+        ({"shared_norms": True, "reference": 1}, [("tiny-sdxl", PROMPTS, {}), ("tiny-sd", PROMPTS[:2], {})]),
+    ],
+)
 def test_one_control_for_runs_in_a_row_is_a_fresh_control_each_time(tiny, kw, runs):
     kw = {k: _image() if v == "image" else v for k, v in kw.items()}
     reused = ac.SharedAttention(**kw)
@@ -443,8 +471,25 @@ def test_cli_prompts_file_and_shared_control(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car\n\n  a white sheep  \n")
     out = tmp_path / "style.png"
-    rc = main(["generate", "--prompts", str(prompts), "--model", "tiny-sd", "--steps", "2", "--seed", "0",
-               "--control", "shared", "reference=0", "score_shift=0.5", "-o", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--model",
+            "tiny-sd",
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--control",
+            "shared",
+            "reference=0",
+            "score_shift=0.5",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "style_0.png").is_file() and (tmp_path / "style_1.png").is_file()
     meta = Image.open(tmp_path / "style_1.png").text
@@ -452,14 +497,37 @@ def test_cli_prompts_file_and_shared_control(tmp_path, capsys):
 
     ref = tmp_path / "ref.png"
     _image().save(ref)
-    rc = main(["generate", "--prompts", str(prompts), "--model", "tiny-sd", "--steps", "2", "--seed", "0",
-               "--reference-image", str(ref), "--reference-prompt", "a photo", "-o", str(tmp_path / "r.png")])
+    rc = main(
+        [
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--model",
+            "tiny-sd",
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--reference-image",
+            str(ref),
+            "--reference-prompt",
+            "a photo",
+            "-o",
+            str(tmp_path / "r.png"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"), ("empty", "has no prompts"), ("both", "not both"), ("noref", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "has no prompts"),
+        ("both", "not both"),
+        ("noref", "does not exist"),
+    ],
+)
 def test_cli_bad_input(tmp_path, capsys, case, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

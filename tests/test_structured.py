@@ -1,4 +1,5 @@
 """StructuredGuidance (StructureDiffusion, Feng et al. ICLR 2023): one key, many values."""
+
 import pytest
 import torch
 
@@ -41,7 +42,9 @@ def test_without_cfg_only_the_cond_branch_exists_and_changes(tiny, conjunction):
 def test_phrases_change_the_output(tiny, name):
     kw = call_kwargs(name)
     stock = stock_latents(tiny(name), PROMPT, **kw)
-    given = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.StructuredGuidance(["a red car", "a white sheep"])], **kw)
+    given = ControlledPipeline(tiny(name))(
+        PROMPT, seed=0, controls=[ac.StructuredGuidance(["a red car", "a white sheep"])], **kw
+    )
     auto = ControlledPipeline(tiny(name))(PROMPT, seed=0, controls=[ac.StructuredGuidance(backend="rules")], **kw)
     assert (given.images - stock).abs().max().item() > 1e-3
     assert torch.equal(given.images, auto.images)  # the chunker finds the same two phrases
@@ -52,13 +55,16 @@ def test_phrases_change_the_output(tiny, name):
 
 def _encode(pipe, family, text):
     """Text-encoder hidden states of `text` as the diffusers pipelines compute them (77 tokens)."""
+
     def ids(tok):
         return tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     if family == "sd":
         return pipe.text_encoder(ids(pipe.tokenizer))[0][0]
-    parts = [enc(ids(tok), output_hidden_states=True).hidden_states[-2][0]
-             for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))]
+    parts = [
+        enc(ids(tok), output_hidden_states=True).hidden_states[-2][0]
+        for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    ]
     return torch.cat(parts, dim=-1)
 
 
@@ -79,7 +85,9 @@ class Check(Control):
     def __init__(self, pipe, family, prompts, phrases, per_prompt, layer=LAYER):
         super().__init__(layers=f"name={layer}")
         self.pipe, self.family, self.checked = pipe, family, 0
-        self.seqs = [[_encode(pipe, family, p)] + [_aligned(pipe, family, p, q) for q in ph] for p, ph in zip(prompts, phrases)]
+        self.seqs = [
+            [_encode(pipe, family, p)] + [_aligned(pipe, family, p, q) for q in ph] for p, ph in zip(prompts, phrases)
+        ]
         self.per_prompt = per_prompt
 
     def qkv(self, call):
@@ -96,7 +104,9 @@ class Check(Control):
         for r in range(cond.stop - cond.start):
             row = cond.start + r
             probs = torch.softmax(call.q[row] @ call.k[row].transpose(-1, -2) * call.scale, dim=-1)
-            values = [call.module.to_v(s).view(s.shape[0], h, -1).transpose(0, 1) for s in self.seqs[r // self.per_prompt]]
+            values = [
+                call.module.to_v(s).view(s.shape[0], h, -1).transpose(0, 1) for s in self.seqs[r // self.per_prompt]
+            ]
             expected = sum(probs @ v for v in values) / len(values)
             assert torch.allclose(o[row], expected, atol=1e-5), (o[row] - expected).abs().max()
             # the key is the full prompt's
@@ -112,8 +122,11 @@ def test_layer_output_follows_one_key_many_values(tiny, name, family):
     with torch.no_grad():
         check = Check(pipe, family, PROMPTS, PHRASES, per_prompt=2)
     ControlledPipeline(pipe)(
-        PROMPTS, seed=0, num_images_per_prompt=2,
-        controls=[check, ac.StructuredGuidance(phrases=PHRASES)], **call_kwargs(name, num_inference_steps=2),
+        PROMPTS,
+        seed=0,
+        num_images_per_prompt=2,
+        controls=[check, ac.StructuredGuidance(phrases=PHRASES)],
+        **call_kwargs(name, num_inference_steps=2),
     )
     assert check.checked == 2
 
@@ -160,7 +173,9 @@ class CheckConjunction(Check):
             row, b = cond.start + r, r // self.per_prompt
             v = call.module.to_v(self.single[b]).view(77, h, -1).transpose(0, 1)
             keys = [call.module.to_k(s).view(77, h, -1).transpose(0, 1) for s in self.seqs[b]]
-            expected = sum(torch.softmax(call.q[row] @ k.transpose(-1, -2) * call.scale, dim=-1) @ v for k in keys) / len(keys)
+            expected = sum(
+                torch.softmax(call.q[row] @ k.transpose(-1, -2) * call.scale, dim=-1) @ v for k in keys
+            ) / len(keys)
             assert torch.allclose(o[row], expected, atol=1e-5), (o[row] - expected).abs().max()
         self.checked += 1
         return o
@@ -174,8 +189,7 @@ def test_conjunction_mode_follows_many_keys_one_value(tiny, name, family):
         record = Record()
         check = CheckConjunction(pipe, family, PROMPTS, phrases, per_prompt=1, record=record)
     controls = [record, ac.StructuredGuidance(phrases=phrases, conjunction=True), check]
-    out = ControlledPipeline(pipe)(PROMPTS, seed=0, controls=controls,
-                                   **call_kwargs(name, num_inference_steps=2))
+    out = ControlledPipeline(pipe)(PROMPTS, seed=0, controls=controls, **call_kwargs(name, num_inference_steps=2))
     assert check.checked == 2
     assert torch.isfinite(out.images).all()
 
@@ -184,9 +198,15 @@ def test_one_phrase_list_serves_every_prompt_and_uncond_rows_untouched(tiny):
     pipe = tiny("tiny-sd")
     prompts = [PROMPT, "a white sheep next to a red car"]
     with torch.no_grad():
-        check = Check(pipe, "sd", prompts, [["a red car", "a white sheep"], ["a white sheep", "a red car"]], per_prompt=1)
-    ControlledPipeline(pipe)(prompts, seed=0, controls=[check, ac.StructuredGuidance(["a red car", "a white sheep"])],
-                             **call_kwargs("tiny-sd", num_inference_steps=1))
+        check = Check(
+            pipe, "sd", prompts, [["a red car", "a white sheep"], ["a white sheep", "a red car"]], per_prompt=1
+        )
+    ControlledPipeline(pipe)(
+        prompts,
+        seed=0,
+        controls=[check, ac.StructuredGuidance(["a red car", "a white sheep"])],
+        **call_kwargs("tiny-sd", num_inference_steps=1),
+    )
     assert check.checked == 1
 
 
@@ -217,8 +237,12 @@ def test_heads_restriction_changes_only_those_heads(tiny):
             return o
 
     spy = Heads()
-    ControlledPipeline(pipe)(PROMPT, seed=0, controls=[spy, ac.StructuredGuidance(["a white sheep"], layers=f"name={LAYER},heads=1")],
-                             **call_kwargs("tiny-sd", num_inference_steps=1))
+    ControlledPipeline(pipe)(
+        PROMPT,
+        seed=0,
+        controls=[spy, ac.StructuredGuidance(["a white sheep"], layers=f"name={LAYER},heads=1")],
+        **call_kwargs("tiny-sd", num_inference_steps=1),
+    )
     assert spy.ok
 
 
@@ -227,7 +251,9 @@ def test_heads_restriction_changes_only_those_heads(tiny):
 
 def test_composes_with_attention_maps(tiny):
     kw = call_kwargs("tiny-sd")
-    alone = ControlledPipeline(tiny("tiny-sd"))(PROMPT, seed=0, controls=[ac.StructuredGuidance(["a red car", "a white sheep"])], **kw)
+    alone = ControlledPipeline(tiny("tiny-sd"))(
+        PROMPT, seed=0, controls=[ac.StructuredGuidance(["a red car", "a white sheep"])], **kw
+    )
     both = ControlledPipeline(tiny("tiny-sd"))(
         PROMPT, seed=0, controls=[ac.StructuredGuidance(["a red car", "a white sheep"]), ac.AttentionMaps()], **kw
     )
@@ -275,7 +301,9 @@ def test_joint_attention_models_refused_before_any_step(tiny, name):
     before = processors_of(pipe)
     spy = StepSpy()
     with pytest.raises(NotImplementedError, match="joint attention"):
-        ControlledPipeline(pipe)(PROMPT, seed=0, controls=[spy, ac.StructuredGuidance(["a red car"])], **call_kwargs(name))
+        ControlledPipeline(pipe)(
+            PROMPT, seed=0, controls=[spy, ac.StructuredGuidance(["a red car"])], **call_kwargs(name)
+        )
     assert spy.seen == []
     assert processors_of(pipe) == before
 
@@ -293,16 +321,24 @@ def test_bad_input_before_any_step(tiny, kwargs, prompt, error, message):
     before = processors_of(pipe)
     spy = StepSpy()
     with pytest.raises(error, match=message):
-        ControlledPipeline(pipe)(prompt, seed=0, controls=[spy, ac.StructuredGuidance(**kwargs)], **call_kwargs("tiny-sd"))
+        ControlledPipeline(pipe)(
+            prompt, seed=0, controls=[spy, ac.StructuredGuidance(**kwargs)], **call_kwargs("tiny-sd")
+        )
     assert spy.seen == [] and processors_of(pipe) == before
 
 
-@pytest.mark.parametrize("kwargs, message", [({"phrases": [""]}, "non-empty"), ({"backend": "nltk"}, "backend"), ({"min_words": 0}, "min_words")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"phrases": [""]}, "non-empty"), ({"backend": "nltk"}, "backend"), ({"min_words": 0}, "min_words")],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ac.StructuredGuidance(**kwargs)
 
 
 def test_attach_is_refused(tiny):
-    with pytest.raises(ValueError, match="ControlledPipeline"), ac.attach(tiny("tiny-sd"), [ac.StructuredGuidance(["a red car"])]):
+    with (
+        pytest.raises(ValueError, match="ControlledPipeline"),
+        ac.attach(tiny("tiny-sd"), [ac.StructuredGuidance(["a red car"])]),
+    ):
         pass

@@ -273,7 +273,10 @@ def test_token_table_rows():
             assert r.index in tk.resolve(CLIP, p, r.word)
     t5rows = tk.token_table(T5, "sunflowers")
     assert [(r.index, r.token, r.word) for r in t5rows] == [
-        (0, "▁sun", "sunflowers"), (1, "flowers", "sunflowers"), (2, "</s>", "")]
+        (0, "▁sun", "sunflowers"),
+        (1, "flowers", "sunflowers"),
+        (2, "</s>", ""),
+    ]
 
 
 def test_token_table_truncation_rows():
@@ -326,8 +329,7 @@ def test_resolve_all_and_joint_indices():
     p = "a red car and a white sheep"
     sd = _pipe("StableDiffusionPipeline", tokenizer=CLIP)
     sdxl = _pipe("StableDiffusionXLPipeline", tokenizer=CLIP, tokenizer_2=CLIP)
-    sd3 = _pipe("StableDiffusion3Pipeline", tokenizer=CLIP, tokenizer_2=CLIP, tokenizer_3=T5,
-                tokenizer_max_length=77)
+    sd3 = _pipe("StableDiffusion3Pipeline", tokenizer=CLIP, tokenizer_2=CLIP, tokenizer_3=T5, tokenizer_max_length=77)
     flux = _pipe("FluxPipeline", tokenizer=CLIP, tokenizer_2=T5)
 
     assert tk.resolve_all(sd3, p, "sheep") == {"tokenizer": [7], "tokenizer_2": [7], "tokenizer_3": [6]}
@@ -354,7 +356,10 @@ def test_resolve_all_and_joint_indices():
     with pytest.raises(TokenError, match="unknown model family"):
         tk.joint_text_indices(flux, p, "car", "sd4")
     assert tk.encoder_max_lengths(sd3, max_sequence_length=128) == {
-        "tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 128}
+        "tokenizer": 77,
+        "tokenizer_2": 77,
+        "tokenizer_3": 128,
+    }
     tables = tk.token_tables(flux, p)
     assert [r.token for r in tables["tokenizer_2"]][:3] == ["▁a", "▁red", "▁car"]
 

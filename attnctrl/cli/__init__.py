@@ -12,6 +12,7 @@ One module per subcommand (`generate`, `inspect`: layers and tokens, `heads`, `a
 `common`. Bad input exits with status 2 and one line ``attnctrl: error: ...`` on stderr. Set
 ``ATTNCTRL_DEBUG=1`` to get the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``attnctrl app``: launch the Gradio web app."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,31 @@ def add_app_parser(sub, models: str) -> None:
             "Python code that reproduces each run. Needs: pip install 'attnctrl[app]'."
         ),
     )
-    a.add_argument("--model", "-m", default=None, help=f"model preselected in the page: {models} (default: {DEFAULT_MODEL})")
+    a.add_argument(
+        "--model", "-m", default=None, help=f"model preselected in the page: {models} (default: {DEFAULT_MODEL})"
+    )
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     a.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
-    a.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
-                   help="create a public gradio.live link (default: --no-share)")
-    a.add_argument("--concurrency", type=positive_int, default=2, metavar="N",
-                   help="runs served at the same time (queue concurrency limit; runs on one model take turns). Default: 2")
-    a.add_argument("--cache-size", type=positive_int, default=2, metavar="N",
-                   help="loaded models kept in memory (least recently used dropped first). Default: 2")
+    a.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="create a public gradio.live link (default: --no-share)",
+    )
+    a.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="runs served at the same time (queue concurrency limit; runs on one model take turns). Default: 2",
+    )
+    a.add_argument(
+        "--cache-size",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="loaded models kept in memory (least recently used dropped first). Default: 2",
+    )
     a.set_defaults(func=_cmd_app)
 
 
@@ -38,6 +55,12 @@ def _cmd_app(args: argparse.Namespace) -> int:
         raise CLIError("the web app needs Gradio: pip install 'attnctrl[app]'") from None
     from attnctrl.app import launch
 
-    launch(args.model, host=args.host, port=args.port, share=args.share,
-           concurrency=args.concurrency, cache_size=args.cache_size)
+    launch(
+        args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        concurrency=args.concurrency,
+        cache_size=args.cache_size,
+    )
     return 0

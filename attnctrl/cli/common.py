@@ -1,5 +1,6 @@
 """What every ``attnctrl`` subcommand shares: the error types, argument types, model loading and
 output files that appear only when everything was written."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,21 @@ from pathlib import Path
 from attnctrl.reproduce import PROG
 
 __all__ = [
-    "PROG", "CLIError", "UsageError", "Parser", "Outputs", "positive_int", "positive_float", "seed_int",
-    "float_arg", "load_model", "check_prompt", "read_prompts", "one_line", "table", "DropTorchvisionNotice",
+    "PROG",
+    "CLIError",
+    "UsageError",
+    "Parser",
+    "Outputs",
+    "positive_int",
+    "positive_float",
+    "seed_int",
+    "float_arg",
+    "load_model",
+    "check_prompt",
+    "read_prompts",
+    "one_line",
+    "table",
+    "DropTorchvisionNotice",
 ]
 
 
@@ -133,7 +147,9 @@ class Outputs:
     """Output files reserved before generating: each is a temp file in its target's directory,
     renamed over the target only when everything was written (no half-written results)."""
 
-    def __init__(self, targets: Sequence[Path], suffix: str = ".png", why: str = "parameters are stored as PNG metadata"):
+    def __init__(
+        self, targets: Sequence[Path], suffix: str = ".png", why: str = "parameters are stored as PNG metadata"
+    ):
         self.targets = [Path(p) for p in targets]
         self.suffix, self.why = suffix, why
         self.temps: list[Path] = []

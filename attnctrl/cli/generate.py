@@ -1,5 +1,6 @@
 """``attnctrl generate``: images (and per-word heatmaps) with controls; PNG metadata records the
 command that regenerates each image."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,31 @@ def add_generate_parser(sub, models: str) -> None:
         ),
     )
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None, help="text prompt (or --prompts FILE)")
-    g.add_argument("--prompts", default=None, metavar="FILE",
-                   help="text file with one prompt per line, generated as one batch (instead of PROMPT)")
-    g.add_argument("--reference-image", default=None, metavar="PATH",
-                   help="style reference image for the shared control (added if absent); it is DDIM-inverted "
-                        "(guidance 2, any variance-preserving scheduler) to the run's timesteps and replaces the "
-                        "reference row (put its prompt at that place); tune with --control shared "
-                        "inversion_guidance=... inversion_offset=...")
-    g.add_argument("--reference-prompt", default=None, metavar="TEXT",
-                   help="prompt used to invert --reference-image (default: the reference row's prompt)")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="text file with one prompt per line, generated as one batch (instead of PROMPT)",
+    )
+    g.add_argument(
+        "--reference-image",
+        default=None,
+        metavar="PATH",
+        help="style reference image for the shared control (added if absent); it is DDIM-inverted "
+        "(guidance 2, any variance-preserving scheduler) to the run's timesteps and replaces the "
+        "reference row (put its prompt at that place); tune with --control shared "
+        "inversion_guidance=... inversion_offset=...",
+    )
+    g.add_argument(
+        "--reference-prompt",
+        default=None,
+        metavar="TEXT",
+        help="prompt used to invert --reference-image (default: the reference row's prompt)",
+    )
     g.add_argument("--model", "-m", default=None, help=f"{models} (default: {DEFAULT_MODEL})")
-    g.add_argument("--seed", type=seed_int, default=None, help="random seed (default: a random one, recorded in the PNG)")
+    g.add_argument(
+        "--seed", type=seed_int, default=None, help="random seed (default: a random one, recorded in the PNG)"
+    )
     g.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the pipeline's)")
     g.add_argument("--guidance", type=float_arg, default=None, help="guidance scale (default: the pipeline's)")
     g.add_argument("--height", type=positive_int, default=None, help="image height in pixels")
@@ -64,13 +79,26 @@ def add_generate_parser(sub, models: str) -> None:
     g.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     g.add_argument("--num-images", type=positive_int, default=1, metavar="N", help="images to generate (default: 1)")
     g.add_argument(
-        "--control", action=_ControlAction, nargs="+", metavar=("NAME", "KEY=VALUE"), default=[],
+        "--control",
+        action=_ControlAction,
+        nargs="+",
+        metavar=("NAME", "KEY=VALUE"),
+        default=[],
         help="add a control with its arguments; repeatable",
     )
-    g.add_argument("--maps", action="store_true", help="save per-word attention heatmaps next to the image as STEM.maps.png (also done whenever a maps control is given)")
+    g.add_argument(
+        "--maps",
+        action="store_true",
+        help="save per-word attention heatmaps next to the image as STEM.maps.png (also done whenever a maps control is given)",
+    )
     g.add_argument("--maps-out", default=None, metavar="PATH", help="where to save the heatmaps (implies --maps)")
-    g.add_argument("-o", "--output", default="attnctrl.png", metavar="PATH",
-                   help="output PNG (default: attnctrl.png; several images: STEM_0.png, STEM_1.png, ...)")
+    g.add_argument(
+        "-o",
+        "--output",
+        default="attnctrl.png",
+        metavar="PATH",
+        help="output PNG (default: attnctrl.png; several images: STEM_0.png, STEM_1.png, ...)",
+    )
     g.set_defaults(func=cmd_generate)
 
 

@@ -1,4 +1,5 @@
 """``attnctrl layers`` and ``attnctrl tokens``: what a selector picks, how a prompt tokenizes."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def add_inspect_parsers(sub, models: str) -> None:
         description="List the attention layers of a model, or those a layer selector matches.",
     )
     la.add_argument("model", metavar="MODEL", nargs="?", default=None, help=f"{models} (default: {DEFAULT_MODEL})")
-    la.add_argument("--select", default=None, metavar="SELECTOR", help="only layers this selector matches, e.g. 'cross,res=16'")
+    la.add_argument(
+        "--select", default=None, metavar="SELECTOR", help="only layers this selector matches, e.g. 'cross,res=16'"
+    )
     la.add_argument("--height", type=positive_int, default=None, help="image height for the resolution column")
     la.add_argument("--width", type=positive_int, default=None, help="image width for the resolution column")
     la.set_defaults(func=cmd_layers)
@@ -28,8 +31,13 @@ def add_inspect_parsers(sub, models: str) -> None:
     )
     t.add_argument("prompt", metavar="PROMPT", help="text prompt")
     t.add_argument("--model", "-m", default=None, help=f"{models} (default: {DEFAULT_MODEL})")
-    t.add_argument("--word", action="append", default=[], metavar="WORD",
-                   help="also print the token indices of WORD (a word, phrase or 'word#2'); repeatable")
+    t.add_argument(
+        "--word",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="also print the token indices of WORD (a word, phrase or 'word#2'); repeatable",
+    )
     t.set_defaults(func=cmd_tokens)
 
 

@@ -1,4 +1,5 @@
 """The controls: one file per method."""
+
 from .astar import AStar
 from .conform import Conform
 from .excite import AttendExcite
@@ -10,4 +11,16 @@ from .perturbation import PAG, HeadPerturbation
 from .shared import SharedAttention
 from .structured import StructuredGuidance
 
-__all__ = ["AStar", "AttendExcite", "Conform", "AttentionMaps", "AttentionModulation", "HeadPerturbation", "IsolationReposition", "MutualSelfAttention", "PAG", "SharedAttention", "StructuredGuidance"]
+__all__ = [
+    "AStar",
+    "AttendExcite",
+    "Conform",
+    "AttentionMaps",
+    "AttentionModulation",
+    "HeadPerturbation",
+    "IsolationReposition",
+    "MutualSelfAttention",
+    "PAG",
+    "SharedAttention",
+    "StructuredGuidance",
+]

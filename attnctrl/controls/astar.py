@@ -1,4 +1,5 @@
 """`AStar`: A-STAR attention segregation and retention (Agarwal et al., ICCV 2023)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -91,9 +92,14 @@ class AStar(AttentionLossControl):
         self.reduction, self.retention_form = reduction, retention_form
         self.retention_steps = retention_steps
         super().__init__(
-            resolution=resolution, steps=steps, scale_factor=scale_factor, scale_range=scale_range,
-            refinement=parse_thresholds(refinement, {}), max_refinement=max_refinement,
-            normalize_eot=normalize_eot, layers=layers,
+            resolution=resolution,
+            steps=steps,
+            scale_factor=scale_factor,
+            scale_range=scale_range,
+            refinement=parse_thresholds(refinement, {}),
+            max_refinement=max_refinement,
+            normalize_eot=normalize_eot,
+            layers=layers,
         )
 
     def subject_specs(self) -> list:
@@ -125,7 +131,9 @@ class AStar(AttentionLossControl):
         previous = self.previous_maps(run, image)
         if previous is not None and self._retaining(state):
             masks = binarize(previous, self.threshold)
-            loss = loss + self.retention * retention_loss(maps, masks, form=self.retention_form, reduction=self.reduction)
+            loss = loss + self.retention * retention_loss(
+                maps, masks, form=self.retention_form, reduction=self.reduction
+            )
         return loss
 
 

@@ -17,6 +17,7 @@ AttendExcite, AStar and Conform differ only in their loss. This base class
 What one run needs (the resolved subjects, the maps being summed, the previous step's maps) is
 ``run.store[self]``, set in `begin`; the control object holds only its configuration.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -112,7 +113,9 @@ class AttentionLossControl(Control):
         if max_refinement < 0:
             raise ValueError(f"max_refinement must be >= 0, got {max_refinement}")
         self.resolution = resolution
-        self.optimizer = LatentOptimizer(scale_factor, (float(scale_range[0]), float(scale_range[1])), dict(refinement or {}), max_refinement)
+        self.optimizer = LatentOptimizer(
+            scale_factor, (float(scale_range[0]), float(scale_range[1])), dict(refinement or {}), max_refinement
+        )
         self.softmax_scale = softmax_scale
         self.smoothing = smoothing
         self.kernel_size = kernel_size
@@ -169,7 +172,9 @@ class AttentionLossControl(Control):
         if run.family not in FAMILIES:
             raise NotImplementedError(self._joint_message(run.family))
         tokenizer = run.needs_text(type(self).__name__).tokenizer
-        per_prompt = [[resolve(tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)]
+        per_prompt = [
+            [resolve(tokenizer, p, spec) for spec in self.prompt_specs(n, p)] for n, p in enumerate(run.prompts)
+        ]
         eot = pads_apart(tokenizer) if self.normalize_eot is None else self.normalize_eot
         ends = [eot_index(tokenizer, p) if eot else None for p in run.prompts]
         for n, (subjects, end) in enumerate(zip(per_prompt, ends)):
@@ -184,8 +189,14 @@ class AttentionLossControl(Control):
         images = run.layout.images
         pick = lambda per: [per[b * len(per) // images] for b in range(images)]
         run.store[self] = {
-            "subjects": pick(per_prompt), "ends": pick(ends), "normalize_eot": eot,
-            "sum": None, "count": 0, "grid": None, "last": None, "previous": None,
+            "subjects": pick(per_prompt),
+            "ends": pick(ends),
+            "normalize_eot": eot,
+            "sum": None,
+            "count": 0,
+            "grid": None,
+            "last": None,
+            "previous": None,
         }
 
     def _joint_message(self, family: str) -> str:
@@ -226,7 +237,9 @@ class AttentionLossControl(Control):
     def subject_maps(self, run: RunContext, maps: torch.Tensor, image: int) -> torch.Tensor:
         """(S, H, W) preprocessed maps of image `image`'s subjects (softmax over text, smoothing)."""
         acc = run.store[self]
-        subj = token_maps(maps[image], acc["subjects"][image], softmax_scale=self.softmax_scale, last=acc["ends"][image])
+        subj = token_maps(
+            maps[image], acc["subjects"][image], softmax_scale=self.softmax_scale, last=acc["ends"][image]
+        )
         return smooth(subj, self.kernel_size, self.sigma) if self.smoothing else subj
 
     def _losses(self, run: RunContext, z: torch.Tensor, denoise) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """`Conform`: CONFORM, contrast is all you need (Meral et al., CVPR 2024)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -114,10 +115,18 @@ class Conform(AttentionLossControl):
         self.softmax_normalize = bool(softmax_normalize)
         self.softmax_normalize_attention_maps = bool(softmax_normalize_attention_maps)
         super().__init__(
-            resolution=resolution, steps=steps, scale_factor=scale_factor, scale_range=scale_range,
-            refinement={int(i): None for i in refinement_steps}, max_refinement=max_refinement,
-            softmax_scale=100.0 if self.softmax_normalize else None, smoothing=bool(smoothing),
-            kernel_size=int(kernel_size), sigma=float(sigma), normalize_eot=normalize_eot, layers=layers,
+            resolution=resolution,
+            steps=steps,
+            scale_factor=scale_factor,
+            scale_range=scale_range,
+            refinement={int(i): None for i in refinement_steps},
+            max_refinement=max_refinement,
+            softmax_scale=100.0 if self.softmax_normalize else None,
+            smoothing=bool(smoothing),
+            kernel_size=int(kernel_size),
+            sigma=float(sigma),
+            normalize_eot=normalize_eot,
+            layers=layers,
         )
         self._labels = [n for n, g in enumerate(self.groups) for _ in g]
 
@@ -133,7 +142,9 @@ class Conform(AttentionLossControl):
             for idx, label in zip(subjects, self._labels):
                 for i in idx:
                     if owner.setdefault(i, label) != label:
-                        raise ValueError(f"Conform: token {i} belongs to groups {owner[i]} and {label}; groups must not overlap")
+                        raise ValueError(
+                            f"Conform: token {i} belongs to groups {owner[i]} and {label}; groups must not overlap"
+                        )
 
     def subject_maps(self, run, maps: torch.Tensor, image: int) -> torch.Tensor:
         """The reference's per-token preprocessing; with `softmax_normalize_attention_maps`, each

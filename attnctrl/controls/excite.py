@@ -1,4 +1,5 @@
 """`AttendExcite`: Attend-and-Excite (Chefer et al., SIGGRAPH 2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,14 @@ class AttendExcite(AttentionLossControl):
         self.thresholds = parse_thresholds(thresholds, AE_THRESHOLDS)
         targets = {k: max(0.0, 1.0 - v) for k, v in self.thresholds.items()}
         super().__init__(
-            resolution=resolution, steps=steps, scale_factor=scale_factor, scale_range=scale_range,
-            refinement=targets, max_refinement=max_refinement, smoothing=smoothing, normalize_eot=normalize_eot,
+            resolution=resolution,
+            steps=steps,
+            scale_factor=scale_factor,
+            scale_range=scale_range,
+            refinement=targets,
+            max_refinement=max_refinement,
+            smoothing=smoothing,
+            normalize_eot=normalize_eot,
             layers=layers,
         )
 

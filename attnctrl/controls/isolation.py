@@ -46,6 +46,7 @@ the conditional branch's image→text maps over the cross-attention layers durin
 and gives a cell to the strongest subject (IR-Diffusion uses GroundedSAM masks or sa@ca maps; we use
 no detector weights). Until those regions exist (steps < `mask_step`) the parts that need them do nothing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -190,17 +191,24 @@ class IsolationReposition(Control):
                 raise ValueError(f"references must be distinct images, got {references!r}")
         if not isolation and references is None:
             raise ValueError("nothing to do: isolation=False and no references to share")
-        for a, b, what in ((boxes, masks, "boxes and masks"), (reference_boxes, reference_masks, "reference_boxes and reference_masks")):
+        for a, b, what in (
+            (boxes, masks, "boxes and masks"),
+            (reference_boxes, reference_masks, "reference_boxes and reference_masks"),
+        ):
             if a is not None and b is not None:
                 raise ValueError(f"give either {what.replace(' and ', ' or ')}, not both")
         if references is None and (reference_boxes is not None or reference_masks is not None):
             raise ValueError("reference_boxes/reference_masks need references=")
         if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-        for name, v in (("mask_step", mask_step), ("seed", seed)) + ((("start_layer", start_layer),) if start_layer is not None else ()):
+        for name, v in (("mask_step", mask_step), ("seed", seed)) + (
+            (("start_layer", start_layer),) if start_layer is not None else ()
+        ):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if not (isinstance(mutual_cross, (int, float)) and not isinstance(mutual_cross, bool) and 0.0 <= mutual_cross <= 1.0):
+        if not (
+            isinstance(mutual_cross, (int, float)) and not isinstance(mutual_cross, bool) and 0.0 <= mutual_cross <= 1.0
+        ):
             raise ValueError(f"mutual_cross (λ) must be in [0, 1], got {mutual_cross!r}")
         if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -243,7 +251,8 @@ class IsolationReposition(Control):
         # the self-attention layers of the user's selector, the cross-attention layers of the mutual
         # cross-attention, and the cross-attention read for maps
         kept = [
-            (lay, h) for lay, h in picked
+            (lay, h)
+            for lay, h in picked
             if self._matches(lay, grid) or self._mutual_matches(lay, grid) or (self._reads and lay.has_part("cross"))
         ]
         self._sharing([lay for lay, _ in picked])  # a start_layer beyond the layers fails here, before any step
@@ -265,16 +274,22 @@ class IsolationReposition(Control):
 
     def check_layers(self, picked) -> None:
         if not any(self._matches(layer) for layer, _ in picked):
-            raise ValueError(f"{type(self).__name__} acts on self-attention; layers={[s.text for s in self._apply]} picks none")
+            raise ValueError(
+                f"{type(self).__name__} acts on self-attention; layers={[s.text for s in self._apply]} picks none"
+            )
 
     def _applies(self, call) -> str | None:
-        """"self" (isolation / sharing), "cross" (mutual cross-attention) or None for this layer (cached)."""
+        """ "self" (isolation / sharing), "cross" (mutual cross-attention) or None for this layer (cached)."""
         st = call.run.store[self]
         name = call.layer.name
         if name not in st["applies"]:
             grid = call.run.grid
             st["applies"][name] = (
-                "self" if self._matches(call.layer, grid) else "cross" if self._mutual_matches(call.layer, grid) else None
+                "self"
+                if self._matches(call.layer, grid)
+                else "cross"
+                if self._mutual_matches(call.layer, grid)
+                else None
             )
         return st["applies"][name]
 
@@ -287,13 +302,18 @@ class IsolationReposition(Control):
         got = st["share"]
         if got is None or got[0] is not run.plan:  # ac.attach plans again for a new grid
             mine = {name for name, entries in run.plan.items() if any(c is self for c, _ in entries)}
-            got = st["share"] = (run.plan, self._sharing([lay for lay in list_layers(run.denoiser) if lay.name in mine]))
+            got = st["share"] = (
+                run.plan,
+                self._sharing([lay for lay in list_layers(run.denoiser) if lay.name in mine]),
+            )
         return layer.name in got[1]
 
     def _alone(self, call) -> bool:
         """No other active control on this layer adds a mask, edits outputs or reads probabilities."""
         return not any(
-            c is not self and c.implements(h) for c, _ in active_chain(call.run, call.layer.name) for h in _SHARING_HOOKS
+            c is not self and c.implements(h)
+            for c, _ in active_chain(call.run, call.layer.name)
+            for h in _SHARING_HOOKS
         )
 
     # ---- run lifetime --------------------------------------------------------------------------
@@ -308,9 +328,13 @@ class IsolationReposition(Control):
         size = run.pixel_size
         sizes = [s for s in (size, tuple(run.grid)) if s is not None]
         boxes = None if self.boxes is None else normalise_boxes(self.boxes, size, "boxes")
-        ref_boxes = None if self.reference_boxes is None else normalise_boxes(self.reference_boxes, size, "reference_boxes")
+        ref_boxes = (
+            None if self.reference_boxes is None else normalise_boxes(self.reference_boxes, size, "reference_boxes")
+        )
         masks = None if self.masks is None else check_masks(self.masks, n, sizes, "masks")
-        ref_masks = None if self.reference_masks is None else check_masks(self.reference_masks, n, sizes, "reference_masks")
+        ref_masks = (
+            None if self.reference_masks is None else check_masks(self.reference_masks, n, sizes, "reference_masks")
+        )
         if self.isolation and boxes is not None:
             for i in range(n):
                 for j in range(i + 1, n):
@@ -322,11 +346,23 @@ class IsolationReposition(Control):
         if self.isolation and masks is not None and n > 1:
             both = ((masks > 0.5).sum(0) > 1).nonzero()
             if len(both):
-                raise ValueError(f"masks overlap (e.g. at pixel {tuple(both[0].tolist())}); isolated subjects need disjoint masks")
+                raise ValueError(
+                    f"masks overlap (e.g. at pixel {tuple(both[0].tolist())}); isolated subjects need disjoint masks"
+                )
         st: dict[str, Any] = {
-            "targets": [i for i in range(n_img) if i not in refs], "boxes": boxes, "ref_boxes": ref_boxes,
-            "masks": masks, "ref_masks": ref_masks, "maps": {}, "auto": None, "cache": {}, "mutual": {},
-            "applies": {}, "tokens": None, "keep": {}, "share": None,
+            "targets": [i for i in range(n_img) if i not in refs],
+            "boxes": boxes,
+            "ref_boxes": ref_boxes,
+            "masks": masks,
+            "ref_masks": ref_masks,
+            "maps": {},
+            "auto": None,
+            "cache": {},
+            "mutual": {},
+            "applies": {},
+            "tokens": None,
+            "keep": {},
+            "share": None,
         }
         if self._reads:
             st["tokens"] = self._resolve_tokens(run, st["targets"])
@@ -369,7 +405,9 @@ class IsolationReposition(Control):
                 for i, idx in enumerate(row):
                     if idx is not None:
                         if max(idx) >= block.shape[-1]:
-                            raise ValueError(f"{self.subjects[i]!r} lies beyond the {block.shape[-1]} text tokens of this model")
+                            raise ValueError(
+                                f"{self.subjects[i]!r} lies beyond the {block.shape[-1]} text tokens of this model"
+                            )
                         sel[img, idx, i] = 1.0
             sel = st["select"] = sel.to(block.device)
         m = torch.bmm(block, sel)  # (images, L, subjects)
@@ -435,8 +473,19 @@ class IsolationReposition(Control):
         run, layout = call.run, call.run.layout
         auto = self.regions(run) if self._reads else None
         shares = self._shares(run, call.layer)
-        key = (call.grid, call.q.shape[2], call.k.shape[2], call.q_image.start, call.k_image.start,
-               layout.branches, layout.images, auto is not None, shares, call.q.dtype, call.q.device)
+        key = (
+            call.grid,
+            call.q.shape[2],
+            call.k.shape[2],
+            call.q_image.start,
+            call.k_image.start,
+            layout.branches,
+            layout.images,
+            auto is not None,
+            shares,
+            call.q.dtype,
+            call.q.device,
+        )
         plan = st["cache"].get(key)
         if plan is not None:
             return plan
@@ -495,10 +544,18 @@ class IsolationReposition(Control):
         others = torch.tensor([b for b in range(B) if b not in set(targets.tolist())], dtype=torch.long)
         dev, dt = call.q.device, call.q.dtype
         plan = {
-            "targets": targets.to(dev), "others": others.to(dev), "extra": n_extra, "Lk": Lk, "moved": moved,
-            "src_rows": src_rows.to(dev), "src": src_tok.to(dev), "dst": dst_tok.to(dev),
+            "targets": targets.to(dev),
+            "others": others.to(dev),
+            "extra": n_extra,
+            "Lk": Lk,
+            "moved": moved,
+            "src_rows": src_rows.to(dev),
+            "src": src_tok.to(dev),
+            "dst": dst_tok.to(dev),
             "own": None if own is None else own.to(device=dev, dtype=dt),
-            "region": region.to(dev), "key_subject": key_subject.to(dev), "step": None,
+            "region": region.to(dev),
+            "key_subject": key_subject.to(dev),
+            "step": None,
         }
         st["cache"][key] = plan
         return plan
@@ -570,7 +627,7 @@ class IsolationReposition(Control):
         if plan.get("joint_of") is not bias_t:  # built once per target mask (once per step with dropout)
             bias = call.q.new_zeros(B, 1, call.q.shape[2], plan["Lk"] + n)
             if n:
-                bias[:, :, :, plan["Lk"]:] = NEG
+                bias[:, :, :, plan["Lk"] :] = NEG
             bias[t] = bias_t
             plan["joint_of"], plan["joint"] = bias_t, bias
         call.extras[self] = {"mode": "joint", "bias": plan["joint"]}
@@ -624,7 +681,9 @@ class IsolationReposition(Control):
         if mask is not None:
             mask = F.pad(mask.expand(*mask.shape[:-1], call.k.shape[2]), (0, n))
             bias = bias + mask
-        o[t] = F.scaled_dot_product_attention(call.q[t], k, v, attn_mask=bias.to(call.q.dtype), dropout_p=0.0, scale=scale)
+        o[t] = F.scaled_dot_product_attention(
+            call.q[t], k, v, attn_mask=bias.to(call.q.dtype), dropout_p=0.0, scale=scale
+        )
         return o
 
     # ---- mutual cross-attention ----------------------------------------------------------------
@@ -633,7 +692,15 @@ class IsolationReposition(Control):
         Σm > 0 (T, 1, Lq, 1)) for a cross-attention layer shape (cached), or False."""
         run, layout = call.run, call.run.layout
         auto = self.regions(run) if self._reads else None
-        key = (call.grid, call.q.shape[2], layout.branches, layout.images, auto is not None, call.q.dtype, call.q.device)
+        key = (
+            call.grid,
+            call.q.shape[2],
+            layout.branches,
+            layout.images,
+            auto is not None,
+            call.q.dtype,
+            call.q.device,
+        )
         got = st["mutual"].get(key)
         if got is not None:
             return got
@@ -658,7 +725,8 @@ class IsolationReposition(Control):
         total = m.sum(1, keepdim=True)
         dev, dt = call.q.device, call.q.dtype
         got = (
-            torch.tensor(tgt, device=dev), torch.tensor(refs, device=dev),
+            torch.tensor(tgt, device=dev),
+            torch.tensor(refs, device=dev),
             (m / total.clamp_min(1.0))[:, :, None, :, None].to(device=dev, dtype=dt),
             (total > 0)[:, :, :, None].to(dev),
         )

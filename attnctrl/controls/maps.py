@@ -6,6 +6,7 @@ running sum per token grid, so memory is one (images × h·w × text tokens) ten
 whatever the number of steps and layers. For SD3/FLUX joint attention the image→text block of
 the joint softmax is renormalised over the text tokens, so every map is a distribution over text.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -29,6 +29,7 @@ head average of ``log Σ_{j∈E_g} exp(s_hij)`` with ``s_hij = q_hi·k_hj·scale
 assignment per image row and patch, shared by all (selected) heads — so the bias is
 ``(B, 1, Lq, Lk)`` (``(B, H, Lq, Lk)`` only when ``heads=`` restricts the control).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ def parse_groups(groups: GroupsLike | None) -> list[list[str]]:
     for item in items:
         if isinstance(item, str):
             if ";" in item:
-                raise ValueError(f"groups: {item!r} contains ';' — separate groups with ';' only in the one-string form")
+                raise ValueError(
+                    f"groups: {item!r} contains ';' — separate groups with ';' only in the one-string form"
+                )
             words = item.split()
         elif isinstance(item, Sequence):
             words = list(item)
@@ -109,7 +112,9 @@ def _steps(value, name: str) -> tuple[float, float]:
         raise ValueError(f"{name} must be a (start, stop) pair, got {value!r}") from None
     for v in (lo, hi):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{name} must hold numbers >= 0 (ints: step indices, floats in [0, 1]: fractions), got {value!r}")
+            raise ValueError(
+                f"{name} must hold numbers >= 0 (ints: step indices, floats in [0, 1]: fractions), got {value!r}"
+            )
     return lo, hi
 
 
@@ -220,8 +225,10 @@ class AttentionModulation(Control):
         layers: SelectorLike | None = None,
     ):
         self.groups = parse_groups(groups)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature > 0 and math.isfinite(temperature)
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (temperature > 0 and math.isfinite(temperature))
         ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
@@ -231,11 +238,15 @@ class AttentionModulation(Control):
         self.entity_weight = _pair(entity_weight, "entity_weight")
         self.attribute_weight = _pair(attribute_weight, "attribute_weight")
         if isinstance(phase_split, bool) or not isinstance(phase_split, (int, float)) or phase_split < 0:
-            raise ValueError(f"phase_split must be a number >= 0 (fraction in [0, 1] or step index), got {phase_split!r}")
+            raise ValueError(
+                f"phase_split must be a number >= 0 (fraction in [0, 1] or step index), got {phase_split!r}"
+            )
         self.phase_split = phase_split
         weighted = self.entity_weight != (1.0, 1.0) or self.attribute_weight != (1.0, 1.0)
         if weighted and not self.groups:
-            raise ValueError("entity_weight / attribute_weight need `groups` (which tokens are entities and attributes)")
+            raise ValueError(
+                "entity_weight / attribute_weight need `groups` (which tokens are entities and attributes)"
+            )
         self._uses_self = self.temperature != 1.0
         self._masks = self.mask and len(self.groups) > 1  # one group: every patch is assigned to it
         self._uses_cross = self._masks or (bool(self.groups) and weighted)

@@ -42,6 +42,7 @@ inverted latents of the first timestep (MasaCtrl's ``latents=start_code`` expand
 the source row with ``same_noise=False``), and at every step i the source row is put back on the
 trajectory, at the latents of the run's i-th timestep (``pin_source``, MasaCtrl's ``ref_intermediate_latents``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -72,7 +73,9 @@ def _family_of_layers(layers: list) -> str:
     return "flux" if "single" in places else "sd3"
 
 
-def auto_masks(maps: torch.Tensor, map_grid: tuple[int, int], grid: tuple[int, int], threshold: float = 0.1) -> torch.Tensor:
+def auto_masks(
+    maps: torch.Tensor, map_grid: tuple[int, int], grid: tuple[int, int], threshold: float = 0.1
+) -> torch.Tensor:
     """MasaCtrl's automatic masks: bool (images, h·w) at `grid` from mean token maps (images, H·W) at `map_grid`.
 
     Each image's map is min-max normalised over its cells, resized to `grid` (nearest, as
@@ -92,9 +95,13 @@ def _token_list(value, what: str) -> list | None:
     if value is None:
         return None
     items = [value] if isinstance(value, (str, int)) else list(value) if isinstance(value, (list, tuple)) else None
-    ok = items and all((isinstance(t, str) and t.strip()) or (isinstance(t, int) and not isinstance(t, bool)) for t in items)
+    ok = items and all(
+        (isinstance(t, str) and t.strip()) or (isinstance(t, int) and not isinstance(t, bool)) for t in items
+    )
     if not ok:
-        raise ValueError(f"{what} must be a word or phrase of the prompt (or a list of them, or token indices), got {value!r}")
+        raise ValueError(
+            f"{what} must be a word or phrase of the prompt (or a list of them, or token indices), got {value!r}"
+        )
     return items
 
 
@@ -170,7 +177,11 @@ class MutualSelfAttention(Control):
             raise ValueError("target_mask_tokens needs mask_tokens= (the source's words)")
         if mask_tokens is not None and source_mask is not None:
             raise ValueError("give either source_mask/target_mask or mask_tokens (masks from attention), not both")
-        if not (isinstance(mask_threshold, (int, float)) and not isinstance(mask_threshold, bool) and 0.0 < mask_threshold < 1.0):
+        if not (
+            isinstance(mask_threshold, (int, float))
+            and not isinstance(mask_threshold, bool)
+            and 0.0 < mask_threshold < 1.0
+        ):
             raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold!r}")
         sel = None
         if mask_tokens is not None:  # also plan the cross-attention layers the masks are read from
@@ -197,7 +208,9 @@ class MutualSelfAttention(Control):
         order = forward_order([lay for lay, _ in picked])
         family = _family_of_layers(order)
         if reads and family not in ("sd", "sdxl"):
-            raise NotImplementedError(f"{_NAME}: mask_tokens (MasaCtrl's automatic masks) supports SD and SDXL UNets, not {family}")
+            raise NotImplementedError(
+                f"{_NAME}: mask_tokens (MasaCtrl's automatic masks) supports SD and SDXL UNets, not {family}"
+            )
         if reads and not cross:
             raise ValueError(
                 f"{_NAME}: mask_tokens reads cross-attention at 1/{MASK_FACTOR} of the token grid (MasaCtrl's 16x16 at "
@@ -226,7 +239,9 @@ class MutualSelfAttention(Control):
                 )
             chosen = order[start:]
         if not chosen:
-            raise ValueError(f"{_NAME}: no layer of SynPS's block set exists in this model; give start_layer or layers=")
+            raise ValueError(
+                f"{_NAME}: no layer of SynPS's block set exists in this model; give start_layer or layers="
+            )
         return chosen
 
     def check_layers(self, picked) -> None:
@@ -251,7 +266,9 @@ class MutualSelfAttention(Control):
         got = st.get("sharing")
         if got is None or got[0] is not run.plan:  # once per plan (ac.attach plans again for a new grid)
             mine = {name for name, entries in run.plan.items() if any(c is self for c, _ in entries)}
-            order = forward_order([lay for lay in list_layers(run.denoiser) if lay.name in mine and lay.has_part("self")])
+            order = forward_order(
+                [lay for lay in list_layers(run.denoiser) if lay.name in mine and lay.has_part("self")]
+            )
             got = st["sharing"] = (run.plan, frozenset(lay.name for lay in self.sharing_layers(order, "flux")))
         return call.layer.name in got[1]
 
@@ -274,11 +291,20 @@ class MutualSelfAttention(Control):
         if self.source >= n:
             raise ValueError(f"{_NAME}: source={self.source} is outside the batch of {n} image(s) (indices 0..{n - 1})")
         flux = run.family == "flux"
-        st: dict[str, Any] = {"rows": {}, **SynPS.fresh(), "cells": {}, "maps": None, "auto": None,
-                              "start": self.start_step if self.start_step is not None else (0 if flux else 4)}
+        st: dict[str, Any] = {
+            "rows": {},
+            **SynPS.fresh(),
+            "cells": {},
+            "maps": None,
+            "auto": None,
+            "start": self.start_step if self.start_step is not None else (0 if flux else 4),
+        }
         if self.source_mask is not None:
             sizes = [s for s in (run.pixel_size, tuple(run.grid)) if s is not None]
-            st["masks"] = (check_masks(self.source_mask, 1, sizes, "source_mask"), check_masks(self.target_mask, 1, sizes, "target_mask"))
+            st["masks"] = (
+                check_masks(self.source_mask, 1, sizes, "source_mask"),
+                check_masks(self.target_mask, 1, sizes, "target_mask"),
+            )
         if self.mask_tokens is not None:
             st["tokens"] = self._resolve_tokens(run)
         st["modulate"] = flux and self.pe_modulation and bool(run.timesteps)  # ac.attach: plain mutual attention
@@ -344,7 +370,12 @@ class MutualSelfAttention(Control):
             target = idx != torch.arange(layout.size)
             t = target.nonzero().flatten()
             dev = call.q.device
-            got = st["rows"][key] = {"src": idx.to(dev), "target": target.to(dev), "t": t.to(dev), "img": (t % layout.images).to(dev)}
+            got = st["rows"][key] = {
+                "src": idx.to(dev),
+                "target": target.to(dev),
+                "t": t.to(dev),
+                "img": (t % layout.images).to(dev),
+            }
         return got
 
     def qkv(self, call) -> None:
@@ -383,7 +414,9 @@ class MutualSelfAttention(Control):
             sel = torch.zeros(block.shape[0], block.shape[-1], 1)
             for img, idx in enumerate(st["tokens"]):
                 if max(idx) >= block.shape[-1]:
-                    raise ValueError(f"{_NAME}: mask token {max(idx)} lies beyond the {block.shape[-1]} text tokens of this model")
+                    raise ValueError(
+                        f"{_NAME}: mask token {max(idx)} lies beyond the {block.shape[-1]} text tokens of this model"
+                    )
                 sel[img, idx, 0] = 1.0
             sel = st["select"] = sel.to(block.device)
         m = torch.bmm(block, sel)[..., 0]  # (images, L): summed over each image's tokens
@@ -458,9 +491,10 @@ class MutualSelfAttention(Control):
         return o
 
     def __repr__(self) -> str:
-        return (f"MutualSelfAttention(source={self.source}, start_step={self.start_step}, start_layer={self.start_layer}, "
-                f"layers={self._user_layers!r}, steps={self.steps!r}, same_noise={self.same_noise}, mask_tokens={self.mask_tokens!r})")
-
+        return (
+            f"MutualSelfAttention(source={self.source}, start_step={self.start_step}, start_layer={self.start_layer}, "
+            f"layers={self._user_layers!r}, steps={self.steps!r}, same_noise={self.same_noise}, mask_tokens={self.mask_tokens!r})"
+        )
 
 
 def _index(run) -> int:

@@ -13,6 +13,7 @@ SD3/FLUX joint attention: the image→image block is perturbed, as diffusers' SD
 perturbed image queries attend to themselves among the image tokens and to the text tokens as
 before (an additive mask on that branch); text queries are unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,7 +99,12 @@ class HeadPerturbation(Control):
         if not (isinstance(adaptive_scale, (int, float)) and adaptive_scale >= 0):
             raise ValueError(f"adaptive_scale must be a number >= 0, got {adaptive_scale!r}")
         super().__init__(layers=head_selectors(heads), steps=steps)
-        self.scale, self.softness, self.kind, self.adaptive_scale = float(scale), float(softness), kind, float(adaptive_scale)
+        self.scale, self.softness, self.kind, self.adaptive_scale = (
+            float(scale),
+            float(softness),
+            kind,
+            float(adaptive_scale),
+        )
 
     # ---- where ---------------------------------------------------------------------------------
     def check_layers(self, picked) -> None:
@@ -194,7 +200,11 @@ class PAG(HeadPerturbation):
     MATCHES = ("segments", "diffusers")
 
     def __init__(
-        self, layers: SelectorLike = "mid", scale: float = 3.0, adaptive_scale: float = 0.0, steps=None,
+        self,
+        layers: SelectorLike = "mid",
+        scale: float = 3.0,
+        adaptive_scale: float = 0.0,
+        steps=None,
         match: Literal["segments", "diffusers"] = "segments",
     ):
         if match not in self.MATCHES:

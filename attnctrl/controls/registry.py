@@ -25,6 +25,7 @@ control, the key and what was expected.
 
 Adding a control to the command line and the app is one line in `CONTROLS` (or `register`).
 """
+
 from __future__ import annotations
 
 import collections.abc as cabc
@@ -51,8 +52,17 @@ from .structured import StructuredGuidance
 __all__ = ["CONTROLS", "ControlArgError", "register", "parse_control", "parse_kwargs", "control_params", "control_name"]
 
 _BUILT_IN: tuple[type[Control], ...] = (
-    AttentionMaps, PAG, HeadPerturbation, AttendExcite, AStar, Conform, AttentionModulation, SharedAttention,
-    StructuredGuidance, IsolationReposition, MutualSelfAttention,
+    AttentionMaps,
+    PAG,
+    HeadPerturbation,
+    AttendExcite,
+    AStar,
+    Conform,
+    AttentionModulation,
+    SharedAttention,
+    StructuredGuidance,
+    IsolationReposition,
+    MutualSelfAttention,
 )
 #: Controls by their `Control.name` (the CLI and app name). Add a control here (or `register` it).
 CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in _BUILT_IN}
@@ -81,7 +91,9 @@ def register(name: str, cls: type[Control]) -> type[Control]:
     if CONTROLS.get(name, cls) is not cls:
         raise ValueError(f"control name {name!r} is already registered for {CONTROLS[name].__name__}")
     if cls.name != name:
-        raise ValueError(f"{cls.__name__}.name is {cls.name!r}: register it under that name (the registry is keyed by it)")
+        raise ValueError(
+            f"{cls.__name__}.name is {cls.name!r}: register it under that name (the registry is keyed by it)"
+        )
     CONTROLS[name] = cls
     return cls
 
@@ -89,12 +101,8 @@ def register(name: str, cls: type[Control]) -> type[Control]:
 def control_name(control: Control | type[Control]) -> str:
     """The registered CLI name of a control (instance or class)."""
     cls = control if isinstance(control, type) else type(control)
-    registered = CONTROLS.get(cls.name)
-    if registered is not None and issubclass(cls, registered):  # a variant a control builds of itself counts
+    if CONTROLS.get(cls.name) is cls:
         return cls.name
-    for name, c in CONTROLS.items():  # a variant a control builds of itself (MutualSelfAttention's)
-        if issubclass(cls, c):
-            return name
     raise KeyError(f"{cls.__name__} is not a registered control; known: {', '.join(CONTROLS)}")
 
 

@@ -41,6 +41,7 @@ and before every step replaces the reference row's latents with the inverted lat
 `inverted_index` picks (the official ``make_inversion_callback(zts, offset)``). The reference row is
 the batch row ``reference``: put the reference image's prompt at that place in the prompt list.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,7 +130,11 @@ class SharedAttention(Control):
     ):
         if not isinstance(reference, int) or isinstance(reference, bool) or reference < 0:
             raise ValueError(f"reference must be an image index >= 0, got {reference!r}")
-        numbers = (("shared_scale", shared_scale), ("score_shift", score_shift), ("inversion_guidance", inversion_guidance))
+        numbers = (
+            ("shared_scale", shared_scale),
+            ("score_shift", score_shift),
+            ("inversion_guidance", inversion_guidance),
+        )
         for key, val in numbers:
             if key == "shared_scale" and val is None:
                 continue
@@ -146,7 +151,11 @@ class SharedAttention(Control):
         super().__init__(layers=layers, steps=steps)
         self._user_layers = layers
         self.reference = reference
-        self.adain_queries, self.adain_keys, self.adain_values = bool(adain_queries), bool(adain_keys), bool(adain_values)
+        self.adain_queries, self.adain_keys, self.adain_values = (
+            bool(adain_queries),
+            bool(adain_keys),
+            bool(adain_values),
+        )
         self.shared_scale = None if shared_scale is None else float(shared_scale)
         self.score_shift = float(score_shift)
         self.shared_norms = bool(shared_norms)
@@ -163,8 +172,14 @@ class SharedAttention(Control):
         every step (``timesteps=(0, 30)`` step indices in a 30-step run), AdaIN on q and k, no score
         shift, the reference masked from the shared keys (``constrain_first``). These are also the
         FLUX defaults of `SharedAttention()`; this preset pins them for any model with single blocks."""
-        kw: dict[str, Any] = {"layers": "single", "shared_scale": ALIGNED_GEN_KEY_SCALE, "adain_queries": True, "adain_keys": True,
-              "adain_values": False, "score_shift": 0.0}
+        kw: dict[str, Any] = {
+            "layers": "single",
+            "shared_scale": ALIGNED_GEN_KEY_SCALE,
+            "adain_queries": True,
+            "adain_keys": True,
+            "adain_values": False,
+            "score_shift": 0.0,
+        }
         kw.update(overrides)
         return cls(**kw)
 
@@ -239,8 +254,12 @@ class SharedAttention(Control):
             self._check_reference(n)
             ref_of = torch.tensor([(i // n) * n + self.reference for i in range(layout.size)], device=device)
             is_ref = ref_of == torch.arange(layout.size, device=device)
-            rows = cache[key] = {"ref_of": ref_of, "targets": torch.nonzero(~is_ref).flatten(), "is_ref": is_ref,
-                                 "refs": torch.nonzero(is_ref).flatten()}
+            rows = cache[key] = {
+                "ref_of": ref_of,
+                "targets": torch.nonzero(~is_ref).flatten(),
+                "is_ref": is_ref,
+                "refs": torch.nonzero(is_ref).flatten(),
+            }
         return rows
 
     # ---- attention -----------------------------------------------------------------------------
@@ -416,8 +435,10 @@ class SharedAttention(Control):
 
     def __repr__(self) -> str:
         img = "" if self.reference_image is None else ", reference_image=<image>"
-        return (f"SharedAttention(reference={self.reference}, shared_scale={self.shared_scale}, "
-                f"score_shift={self.score_shift}, layers={self.layers!r}, steps={self.steps!r}{img})")
+        return (
+            f"SharedAttention(reference={self.reference}, shared_scale={self.shared_scale}, "
+            f"score_shift={self.score_shift}, layers={self.layers!r}, steps={self.steps!r}{img})"
+        )
 
 
 __all__ = ["SharedAttention", "adain", "inverted_index"]

@@ -30,6 +30,7 @@ SD3 / FLUX are refused before the first step: in joint attention the text tokens
 transformed by every block (their values at block b come from block b−1's text stream, not from the
 text encoder), so encoder-level phrase embeddings cannot stand in for them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -105,7 +106,11 @@ class StructuredGuidance(Control):
     def check_layers(self, picked) -> None:
         joint = [layer.name for layer, _ in picked if layer.kind == "joint"]
         if joint:
-            raise NotImplementedError(_JOINT_ERROR.format(family="SD3/FLUX", layers=", ".join(joint[:3]) + (", ..." if len(joint) > 3 else "")))
+            raise NotImplementedError(
+                _JOINT_ERROR.format(
+                    family="SD3/FLUX", layers=", ".join(joint[:3]) + (", ..." if len(joint) > 3 else "")
+                )
+            )
         bad = [layer.name for layer, _ in picked if layer.kind != "cross"]
         if bad:
             raise ValueError(f"StructuredGuidance acts on cross-attention; not cross-attention: {', '.join(bad)}")
@@ -118,7 +123,9 @@ class StructuredGuidance(Control):
         duplicates. Raises `TokenError` for a given phrase that is not in its prompt."""
         if self.phrases is not None and self.phrases and isinstance(self.phrases[0], list):
             if len(self.phrases) != len(prompts):
-                raise ValueError(f"phrases has {len(self.phrases)} lists for {len(prompts)} prompts; give one list per prompt")
+                raise ValueError(
+                    f"phrases has {len(self.phrases)} lists for {len(prompts)} prompts; give one list per prompt"
+                )
             given: list = list(self.phrases)
         else:
             given = [self.phrases] * len(prompts)
@@ -159,7 +166,9 @@ class StructuredGuidance(Control):
             if any(c is self for c, _ in entries):
                 module = run.denoiser.get_submodule(name)
                 if getattr(module, "norm_cross", None) is not None:
-                    raise NotImplementedError(f"StructuredGuidance does not support layers with a cross-attention norm ({name})")
+                    raise NotImplementedError(
+                        f"StructuredGuidance does not support layers with a cross-attention norm ({name})"
+                    )
         pieces = _phrase_tokens(text.encode, _tokenizers(text, run.family), prompts, per_prompt)
         per_image = run.layout.images // len(prompts)
         st: dict[str, Any] = {"phrases": per_prompt, "cache": {}}
@@ -173,7 +182,9 @@ class StructuredGuidance(Control):
             if k in st:
                 st[k] = st[k].repeat_interleave(per_image, dim=0)
         if "keys" in st:
-            st["keys"] = [(e.repeat_interleave(per_image, dim=0), m.repeat_interleave(per_image, dim=0)) for e, m in st["keys"]]
+            st["keys"] = [
+                (e.repeat_interleave(per_image, dim=0), m.repeat_interleave(per_image, dim=0)) for e, m in st["keys"]
+            ]
         run.store[self] = st
 
     def end(self, run) -> None:
@@ -207,8 +218,12 @@ class StructuredGuidance(Control):
             if self.conjunction:
                 vals, _ = proj(call.module.to_v, st["single"])
                 keys = [(col(m), proj(call.module.to_k, e)[0]) for e, m in st["keys"]]
-                out = {"keep": 1 - col(st["single_mask"]), "values": col(st["single_mask"]) * vals, "keys": keys,
-                       "key_weights": st["key_weights"].to(device=v.device, dtype=v.dtype)}
+                out = {
+                    "keep": 1 - col(st["single_mask"]),
+                    "values": col(st["single_mask"]) * vals,
+                    "keys": keys,
+                    "key_weights": st["key_weights"].to(device=v.device, dtype=v.dtype),
+                }
             else:
                 vals, zero = proj(call.module.to_v, st["add"])
                 w = col(st["weight"])
@@ -324,8 +339,10 @@ def _conjunction_sequences(pieces):
     B, n_max = len(per_prompt), max(len(items) for items in per_prompt)
     single = torch.zeros(B, n_tok, width, dtype=dtype, device=device)
     single_mask = torch.zeros(B, n_tok, dtype=dtype, device=device)
-    keys = [(torch.zeros(B, n_tok, width, dtype=dtype, device=device), torch.zeros(B, n_tok, dtype=dtype, device=device))
-            for _ in range(n_max)]
+    keys = [
+        (torch.zeros(B, n_tok, width, dtype=dtype, device=device), torch.zeros(B, n_tok, dtype=dtype, device=device))
+        for _ in range(n_max)
+    ]
     key_weights = torch.zeros(B, n_max + 1, dtype=dtype, device=device)
     for b, items in enumerate(per_prompt):
         key_weights[b, : len(items) + 1] = 1.0 / (len(items) + 1)

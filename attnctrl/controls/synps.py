@@ -13,6 +13,7 @@ w = 1 at the first step). SynPS shares from the first step.
 RoPE tables at the scaled positions — lives in the dict its methods are given: the control's
 ``run.store[control]``, which `SynPS.fresh` starts.
 """
+
 from __future__ import annotations
 
 import torch

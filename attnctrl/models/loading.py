@@ -144,8 +144,7 @@ def load_pipeline(
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as err:  # network, cache, missing files, bad config: all reported the same way
         raise ModelLoadError(
-            f"could not load the {what}: {type(err).__name__}: {err}\n"
-            f"Embedded offline models: {_embedded_list()}"
+            f"could not load the {what}: {type(err).__name__}: {err}\nEmbedded offline models: {_embedded_list()}"
         ) from err
     if device is not None:
         pipe = pipe.to(device)

@@ -271,7 +271,9 @@ def _build_sd3(v35: bool):
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae(seed + 1, 16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+        vae=_vae(
+            seed + 1, 16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+        ),
         text_encoder=_clip(tokenizer, seed + 2, projection=True),
         tokenizer=tokenizer,
         text_encoder_2=_clip(tokenizer, seed + 3, projection=True),

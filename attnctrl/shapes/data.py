@@ -50,8 +50,21 @@ _MIN_OFFSET = 8  # a relation's box centres differ by at least this along its ax
 
 #: Every word a caption of this module can contain (the embedded tokenizer's vocabulary).
 VOCABULARY = (
-    "a", "an", "and", "the", "to", "of", "left", "right", "above", "below", "small", "large", ",",
-    *COLORS, *SHAPES,
+    "a",
+    "an",
+    "and",
+    "the",
+    "to",
+    "of",
+    "left",
+    "right",
+    "above",
+    "below",
+    "small",
+    "large",
+    ",",
+    *COLORS,
+    *SHAPES,
 )
 
 
@@ -125,9 +138,7 @@ def _satisfies(a: tuple[int, ...], b: tuple[int, ...], relation: str) -> bool:
     return d >= _MIN_OFFSET and d > abs(other)
 
 
-def random_scene(
-    rng: np.random.Generator, n_objects: int | None = None, relation: str | None | bool = False
-) -> Scene:
+def random_scene(rng: np.random.Generator, n_objects: int | None = None, relation: str | None | bool = False) -> Scene:
     """A random scene of ``n_objects`` (1-3; drawn when ``None``) with distinct (shape, colour) pairs.
 
     ``relation``: ``False`` draws one for half of the two-object scenes, ``None`` never, a name forces it.

@@ -282,8 +282,14 @@ def detect(
 
 # ------------------------------------------------------------------------------------- scoring
 
-_RELATION_PHRASES = {"to the left of": "left of", "to the right of": "right of", "left of": "left of",
-                     "right of": "right of", "above": "above", "below": "below"}
+_RELATION_PHRASES = {
+    "to the left of": "left of",
+    "to the right of": "right of",
+    "left of": "left of",
+    "right of": "right of",
+    "above": "above",
+    "below": "below",
+}
 _RELATION_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _RELATION_PHRASES), key=len, reverse=True)) + r")\b")
 
 
@@ -342,7 +348,9 @@ def score(target: Any, detected: Sequence[DetectedObject]) -> dict:
     bound = comparable = 0
     for s, n in shapes_named.items():
         comparable += min(n, shapes_seen[s])
-        bound += sum((Counter(c for c, s2 in named if s2 == s) & Counter(d.color for d in detected if d.shape == s)).values())
+        bound += sum(
+            (Counter(c for c, s2 in named if s2 == s) & Counter(d.color for d in detected if d.shape == s)).values()
+        )
     rel = None
     if relation is not None and len(named) >= 2:
         a = [d for d in detected if (d.color, d.shape) == named[0]]
@@ -365,6 +373,7 @@ def aggregate(scores: Sequence[dict]) -> dict:
     """Means over images: ``presence`` (share of images with every object, and ``presence_rate``
     the share of objects), ``binding``, ``count``, ``relation`` (over images whose target has one;
     None if none does) and ``n``."""
+
     def mean(key: str) -> float | None:
         vals = [float(s[key]) for s in scores if s.get(key) is not None]
         return sum(vals) / len(vals) if vals else None

@@ -39,8 +39,15 @@ def generate(pipe, texts: list[str], seed: int = 0, batch: int = 25, steps: int 
         chunk = texts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.inference_mode():
-            out = pipe(chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                       height=64, width=64, output_type="pil")
+            out = pipe(
+                chunk,
+                generator=gens,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=64,
+                width=64,
+                output_type="pil",
+            )
         images.extend(out.images)
     return images
 
@@ -48,8 +55,12 @@ def generate(pipe, texts: list[str], seed: int = 0, batch: int = 25, steps: int 
 def evaluate(pipe, samples: int = 200, multi: int | None = None, **kw) -> dict:
     """Detector scores per category: ``{"1 object": {...}, "2 objects": ..., "3 objects": ..., "relation": ...}``."""
     multi = samples // 2 if multi is None else multi
-    cats = {"1 object": prompts(samples, 1), "2 objects": prompts(multi, 2), "3 objects": prompts(multi, 3),
-            "relation": prompts(multi, 2, relation=True)}
+    cats = {
+        "1 object": prompts(samples, 1),
+        "2 objects": prompts(multi, 2),
+        "3 objects": prompts(multi, 3),
+        "relation": prompts(multi, 2, relation=True),
+    }
     results = {}
     for name, texts in cats.items():
         if not texts:
@@ -82,15 +93,21 @@ def main(argv=None) -> None:
     pipe = load_shapes_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    res = evaluate(pipe, args.samples, args.multi, seed=args.seed, batch=args.batch, steps=args.steps,
-                   guidance=args.guidance)
-    print(f"{'category':<10} {'n':>4} {'correct':>8} {'presence':>9} {'obj.rate':>9} {'binding':>8} {'count':>6} {'relation':>9}")
+    res = evaluate(
+        pipe, args.samples, args.multi, seed=args.seed, batch=args.batch, steps=args.steps, guidance=args.guidance
+    )
+    print(
+        f"{'category':<10} {'n':>4} {'correct':>8} {'presence':>9} {'obj.rate':>9} {'binding':>8} {'count':>6} {'relation':>9}"
+    )
     for name, a in res.items():
+
         def f(k, a=a):
             return "-" if a.get(k) is None else f"{a[k]:.3f}"
 
-        print(f"{name:<10} {a['n']:>4} {f('correct'):>8} {f('presence'):>9} {f('presence_rate'):>9} "
-              f"{f('binding'):>8} {f('count'):>6} {f('relation'):>9}")
+        print(
+            f"{name:<10} {a['n']:>4} {f('correct'):>8} {f('presence'):>9} {f('presence_rate'):>9} "
+            f"{f('binding'):>8} {f('count'):>6} {f('relation'):>9}"
+        )
     print(f"({args.steps} steps, guidance {args.guidance}, {time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:

@@ -93,8 +93,15 @@ def write_tokenizer(folder: str | Path, words=VOCABULARY) -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     config = {
-        "add_prefix_space": False, "bos_token": _BOS, "eos_token": _EOS, "pad_token": _EOS, "unk_token": _EOS,
-        "do_lower_case": True, "errors": "replace", "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer",
+        "add_prefix_space": False,
+        "bos_token": _BOS,
+        "eos_token": _EOS,
+        "pad_token": _EOS,
+        "unk_token": _EOS,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": MAX_LENGTH,
+        "tokenizer_class": "CLIPTokenizer",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     specials = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": _EOS, "unk_token": _EOS}
@@ -116,8 +123,14 @@ def _scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
         timestep_spacing="trailing",
     )
 
@@ -133,28 +146,54 @@ def build_untrained(seed: int = 0, tokenizer_folder: str | Path | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-            sample_size=64, scaling_factor=1.0,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=64,
+            scaling_factor=1.0,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=_TEXT_DIM, intermediate_size=4 * _TEXT_DIM,
-            projection_dim=_TEXT_DIM, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=_TEXT_DIM,
+                intermediate_size=4 * _TEXT_DIM,
+                projection_dim=_TEXT_DIM,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_LENGTH,
+                hidden_act="quick_gelu",
+                layer_norm_eps=1e-5,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(48, 96),
+            layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=(2, 4),  # diffusers' legacy name: the number of heads (head dim 24)
-            norm_num_groups=16, cross_attention_dim=_TEXT_DIM,
+            norm_num_groups=16,
+            cross_attention_dim=_TEXT_DIM,
         )
     return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
         requires_safety_checker=False,
     )
 

@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 1
 
+
 def _batch(cfg: TrainConfig, stage: int, step: int, size: int, device) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] (N,3,64,64) and captions, a function of (seed, stage, step) only."""
     pairs = list(samples((cfg.seed * 7919 + stage) * 10_000_000 + step, size))
@@ -98,7 +99,13 @@ def train(
     torch.set_num_threads(cfg.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = build_untrained(cfg.seed)
-    vae, text_encoder, unet, tokenizer, scheduler = pipe.vae, pipe.text_encoder, pipe.unet, pipe.tokenizer, pipe.scheduler
+    vae, text_encoder, unet, tokenizer, scheduler = (
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.unet,
+        pipe.tokenizer,
+        pipe.scheduler,
+    )
     for m in (vae, text_encoder, unet):
         m.to(device)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -137,18 +144,36 @@ def train(
 
     def checkpoint():
         log.flush()
-        _save_checkpoint(ckpt_path, {
-            "config": asdict(cfg), "stage": stage, "step": step, "elapsed": time.perf_counter() - start,
-            "scaling": scaling, "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict(),
-            "unet": unet.state_dict(), "vae_opt": vae_opt.state_dict(), "opt": opt.state_dict(), "ema": ema,
-        })
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "config": asdict(cfg),
+                "stage": stage,
+                "step": step,
+                "elapsed": time.perf_counter() - start,
+                "scaling": scaling,
+                "vae": vae.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "unet": unet.state_dict(),
+                "vae_opt": vae_opt.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema,
+            },
+        )
 
     def record(loss: float, lr: float):
         nonlocal done
         done += 1
         losses.append((stage, step, loss))
-        writer.writerow({"stage": stage, "step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.4g}",
-                         "elapsed_s": f"{time.perf_counter() - start:.1f}"})
+        writer.writerow(
+            {
+                "stage": stage,
+                "step": step,
+                "loss": f"{loss:.6g}",
+                "lr": f"{lr:.4g}",
+                "elapsed_s": f"{time.perf_counter() - start:.1f}",
+            }
+        )
 
     try:
         if stage == 1:  # VAE
@@ -161,7 +186,9 @@ def train(
                 x, _ = _batch(cfg, 1, step, cfg.vae_batch, device)
                 gen = _generator(cfg, 1, step, device)
                 x0, y0 = (torch.randint(0, 64 - cfg.vae_crop + 1, (2,), generator=gen, device=device) // 8 * 8).tolist()
-                x = x[:, :, y0 : y0 + cfg.vae_crop, x0 : x0 + cfg.vae_crop]  # the VAE is convolutional: crops are cheaper
+                x = x[
+                    :, :, y0 : y0 + cfg.vae_crop, x0 : x0 + cfg.vae_crop
+                ]  # the VAE is convolutional: crops are cheaper
                 posterior = vae.encode(x).latent_dist
                 recon = vae.decode(posterior.sample(gen)).sample
                 weight = 1 + cfg.fg_weight * (x < 0.98).any(1, keepdim=True)  # shapes count more than background
@@ -180,8 +207,9 @@ def train(
                         raise _Stop
             vae.eval()
             with torch.no_grad():
-                lat = torch.cat([vae.encode(_batch(cfg, 0, i, 64, device)[0]).latent_dist.mean
-                                 for i in range(cfg.scale_batches)])
+                lat = torch.cat(
+                    [vae.encode(_batch(cfg, 0, i, 64, device)[0]).latent_dist.mean for i in range(cfg.scale_batches)]
+                )
             scaling = float(1.0 / lat.std())
             stage, step = 2, 0
             checkpoint()
@@ -202,8 +230,9 @@ def train(
             noise = torch.randn(latents.shape, generator=gen, device=device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=gen, device=device)
             noisy = scheduler.add_noise(latents, noise, t)
-            ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(
+                captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids.to(device)
             pred = unet(noisy, t, text_encoder(ids)[0]).sample
             loss = F.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)
@@ -233,10 +262,20 @@ def train(
     for m in (vae, text_encoder, unet):
         m.eval().requires_grad_(False).to("cpu")
     wall = time.perf_counter() - start
-    (out / "summary.json").write_text(json.dumps({
-        "config": asdict(cfg), "wall_s": round(wall, 1), "scaling_factor": scaling, "device": str(device),
-        "final_vae_loss": _tail_mean(losses, 1), "final_diffusion_loss": _tail_mean(losses, 2),
-    }, indent=2) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "wall_s": round(wall, 1),
+                "scaling_factor": scaling,
+                "device": str(device),
+                "final_vae_loss": _tail_mean(losses, 1),
+                "final_diffusion_loss": _tail_mean(losses, 2),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return pipe, losses
 
 

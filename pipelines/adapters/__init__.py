@@ -1,4 +1,5 @@
 """One small adapter per model family; see `base.Adapter`."""
+
 from .base import Adapter, Prepared
 from .flux import FluxAdapter
 from .sd import SDAdapter

@@ -3,6 +3,7 @@
 An adapter reuses the wrapped diffusers pipeline's own `encode_prompt`, `prepare_latents`,
 scheduler and VAE, so a run without controls computes what the stock `__call__` computes.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -101,6 +102,10 @@ class Adapter:
         clip_skip = getattr(pipe, "_clip_skip", None)
         lora_scale = (getattr(pipe, "_cross_attention_kwargs", None) or {}).get("scale")
         return pipe.encode_prompt(
-            prompt=texts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            clip_skip=clip_skip, lora_scale=lora_scale,
+            prompt=texts,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            clip_skip=clip_skip,
+            lora_scale=lora_scale,
         )[0]

@@ -5,6 +5,7 @@ asks for true CFG (``true_cfg_scale > 1`` with a negative prompt); then the nega
 the "uncond" branch and is batched with the others (the stock pipeline runs it as a separate
 forward pass; results agree to float rounding).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,10 @@ from .base import Adapter, Prepared, prompt_list
 class FluxAdapter(Adapter):
     family = "flux"
     unsupported = (
-        "ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds",
+        "ip_adapter_image",
+        "ip_adapter_image_embeds",
+        "negative_ip_adapter_image",
+        "negative_ip_adapter_image_embeds",
     )
 
     def prepare(self, pipe, kw) -> Prepared:
@@ -36,30 +40,52 @@ class FluxAdapter(Adapter):
         )
         true_cfg = kw.get("true_cfg_scale", 1.0) > 1 and has_neg
         lora_scale = (kw.get("joint_attention_kwargs") or {}).get("scale")
-        enc = dict(device=device, num_images_per_prompt=n, max_sequence_length=kw["max_sequence_length"], lora_scale=lora_scale)
+        enc = dict(
+            device=device, num_images_per_prompt=n, max_sequence_length=kw["max_sequence_length"], lora_scale=lora_scale
+        )
         pe, pooled, text_ids = pipe.encode_prompt(
-            prompt=kw["prompt"], prompt_2=kw.get("prompt_2"), prompt_embeds=pe_in,
-            pooled_prompt_embeds=kw.get("pooled_prompt_embeds"), **enc,
+            prompt=kw["prompt"],
+            prompt_2=kw.get("prompt_2"),
+            prompt_embeds=pe_in,
+            pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
+            **enc,
         )
         uncond = None
         if true_cfg:
             npe, npooled, _ = pipe.encode_prompt(
-                prompt=kw.get("negative_prompt"), prompt_2=kw.get("negative_prompt_2"),
-                prompt_embeds=kw.get("negative_prompt_embeds"), pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), **enc,
+                prompt=kw.get("negative_prompt"),
+                prompt_2=kw.get("negative_prompt_2"),
+                prompt_embeds=kw.get("negative_prompt_embeds"),
+                pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"),
+                **enc,
             )
             if npe.shape != pe.shape:
-                raise ValueError(f"negative prompt embeddings {tuple(npe.shape)} do not match prompt embeddings {tuple(pe.shape)}")
+                raise ValueError(
+                    f"negative prompt embeddings {tuple(npe.shape)} do not match prompt embeddings {tuple(pe.shape)}"
+                )
             uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled}
         latents, image_ids = pipe.prepare_latents(
-            len(prompts) * n, pipe.transformer.config.in_channels // 4, h, w, pe.dtype, device, kw.get("generator"), kw.get("latents")
+            len(prompts) * n,
+            pipe.transformer.config.in_channels // 4,
+            h,
+            w,
+            pe.dtype,
+            device,
+            kw.get("generator"),
+            kw.get("latents"),
         )
         steps = kw["num_inference_steps"]
         sigmas = np.linspace(1.0, 1 / steps, steps) if kw.get("sigmas") is None else kw["sigmas"]
         if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         c = pipe.scheduler.config
-        mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        mu = calculate_shift(
+            latents.shape[1],
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
         # diffusers annotates `sigmas` as list[float], yet FluxPipeline passes this very array (set_timesteps
         # takes any array-like); the adapter mirrors the pipeline
         timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)  # type: ignore[arg-type]
@@ -77,9 +103,18 @@ class FluxAdapter(Adapter):
         if kw.get("joint_attention_kwargs"):
             shared["joint_attention_kwargs"] = kw["joint_attention_kwargs"]
         return Prepared(
-            latents=latents, timesteps=timesteps, num_steps=steps, cond=cond, uncond=uncond, shared=shared,
-            guidance_scale=kw.get("true_cfg_scale", 1.0), grid=(lh // 2, lw // 2), prompts=prompts, images=rows,
-            text_len=pe.shape[1], decode={"height": h, "width": w},
+            latents=latents,
+            timesteps=timesteps,
+            num_steps=steps,
+            cond=cond,
+            uncond=uncond,
+            shared=shared,
+            guidance_scale=kw.get("true_cfg_scale", 1.0),
+            grid=(lh // 2, lw // 2),
+            prompts=prompts,
+            images=rows,
+            text_len=pe.shape[1],
+            decode={"height": h, "width": w},
             num_warmup=max(len(timesteps) - steps * pipe.scheduler.order, 0),
         )
 

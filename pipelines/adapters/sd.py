@@ -1,4 +1,5 @@
 """Stable Diffusion 1.x / 2.x adapter (mirrors `StableDiffusionPipeline.__call__`)."""
+
 from __future__ import annotations
 
 import torch
@@ -46,22 +47,44 @@ class SDAdapter(Adapter):
         n = kw["num_images_per_prompt"]
         lora_scale = (kw.get("cross_attention_kwargs") or {}).get("scale")
         pe, npe = pipe.encode_prompt(
-            prompt, device, n, cfg, kw.get("negative_prompt"),
-            prompt_embeds=pe_in, negative_prompt_embeds=kw.get("negative_prompt_embeds"),
-            lora_scale=lora_scale, clip_skip=kw.get("clip_skip"),
+            prompt,
+            device,
+            n,
+            cfg,
+            kw.get("negative_prompt"),
+            prompt_embeds=pe_in,
+            negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+            lora_scale=lora_scale,
+            clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas"))
+        timesteps, steps = retrieve_timesteps(
+            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
+        )
         latents = pipe.prepare_latents(
-            len(prompts) * n, pipe.unet.config.in_channels, h, w, pe.dtype, device, kw.get("generator"), kw.get("latents")
+            len(prompts) * n,
+            pipe.unet.config.in_channels,
+            h,
+            w,
+            pe.dtype,
+            device,
+            kw.get("generator"),
+            kw.get("latents"),
         )
         shared = {"timestep_cond": self._timestep_cond(pipe, kw["guidance_scale"], len(prompts) * n, latents)}
         if kw.get("cross_attention_kwargs"):
             shared["cross_attention_kwargs"] = kw["cross_attention_kwargs"]
         return Prepared(
-            latents=latents, timesteps=timesteps, num_steps=steps,
-            cond={"encoder_hidden_states": pe}, uncond={"encoder_hidden_states": npe} if cfg else None,
-            shared=shared, guidance_scale=kw["guidance_scale"], guidance_rescale=kw.get("guidance_rescale", 0.0),
-            grid=tuple(latents.shape[-2:]), prompts=prompts, images=len(prompts) * n,
+            latents=latents,
+            timesteps=timesteps,
+            num_steps=steps,
+            cond={"encoder_hidden_states": pe},
+            uncond={"encoder_hidden_states": npe} if cfg else None,
+            shared=shared,
+            guidance_scale=kw["guidance_scale"],
+            guidance_rescale=kw.get("guidance_rescale", 0.0),
+            grid=tuple(latents.shape[-2:]),
+            prompts=prompts,
+            images=len(prompts) * n,
             extra_step=pipe.prepare_extra_step_kwargs(kw.get("generator"), kw.get("eta", 0.0)),
             decode={"generator": kw.get("generator"), "dtype": pe.dtype},
             num_warmup=len(timesteps) - steps * pipe.scheduler.order,
@@ -76,7 +99,9 @@ class SDAdapter(Adapter):
     def decode(self, pipe, prep, latents, output_type):
         if output_type == "latent":
             return latents, None
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=prep.decode["generator"])[0]
+        image = pipe.vae.decode(
+            latents / pipe.vae.config.scaling_factor, return_dict=False, generator=prep.decode["generator"]
+        )[0]
         image, nsfw = pipe.run_safety_checker(image, latents.device, prep.decode["dtype"])
         denorm = [True] * image.shape[0] if nsfw is None else [not x for x in nsfw]
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm), nsfw

@@ -1,4 +1,5 @@
 """Stable Diffusion 3 / 3.5 adapter (mirrors `StableDiffusion3Pipeline.__call__`)."""
+
 from __future__ import annotations
 
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -23,38 +24,66 @@ class SD3Adapter(Adapter):
         device = pipe._execution_device
         n = kw["num_images_per_prompt"]
         pe, npe, pooled, npooled = pipe.encode_prompt(
-            prompt=kw["prompt"], prompt_2=kw.get("prompt_2"), prompt_3=kw.get("prompt_3"),
-            negative_prompt=kw.get("negative_prompt"), negative_prompt_2=kw.get("negative_prompt_2"),
-            negative_prompt_3=kw.get("negative_prompt_3"), do_classifier_free_guidance=cfg,
-            prompt_embeds=pe_in, negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+            prompt=kw["prompt"],
+            prompt_2=kw.get("prompt_2"),
+            prompt_3=kw.get("prompt_3"),
+            negative_prompt=kw.get("negative_prompt"),
+            negative_prompt_2=kw.get("negative_prompt_2"),
+            negative_prompt_3=kw.get("negative_prompt_3"),
+            do_classifier_free_guidance=cfg,
+            prompt_embeds=pe_in,
+            negative_prompt_embeds=kw.get("negative_prompt_embeds"),
             pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"),
-            device=device, clip_skip=kw.get("clip_skip"), num_images_per_prompt=n,
+            device=device,
+            clip_skip=kw.get("clip_skip"),
+            num_images_per_prompt=n,
             max_sequence_length=kw["max_sequence_length"],
             lora_scale=(kw.get("joint_attention_kwargs") or {}).get("scale"),
         )
         latents = pipe.prepare_latents(
-            len(prompts) * n, pipe.transformer.config.in_channels, h, w, pe.dtype, device, kw.get("generator"), kw.get("latents")
+            len(prompts) * n,
+            pipe.transformer.config.in_channels,
+            h,
+            w,
+            pe.dtype,
+            device,
+            kw.get("generator"),
+            kw.get("latents"),
         )
         patch = pipe.transformer.config.patch_size
         grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
         sched_kw, mu = {}, kw.get("mu")
         if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             c = pipe.scheduler.config
-            mu = calculate_shift(grid[0] * grid[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+            mu = calculate_shift(
+                grid[0] * grid[1],
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.16),
+            )
         if mu is not None:
             sched_kw["mu"] = mu
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, kw["num_inference_steps"], device, sigmas=kw.get("sigmas"), **sched_kw)
+        timesteps, steps = retrieve_timesteps(
+            pipe.scheduler, kw["num_inference_steps"], device, sigmas=kw.get("sigmas"), **sched_kw
+        )
         shared = {}
         if kw.get("joint_attention_kwargs"):
             shared["joint_attention_kwargs"] = kw["joint_attention_kwargs"]
         return Prepared(
-            latents=latents, timesteps=timesteps, num_steps=steps,
+            latents=latents,
+            timesteps=timesteps,
+            num_steps=steps,
             cond={"encoder_hidden_states": pe, "pooled_projections": pooled},
             uncond={"encoder_hidden_states": npe, "pooled_projections": npooled} if cfg else None,
-            shared=shared, guidance_scale=kw["guidance_scale"], grid=grid, prompts=prompts, images=len(prompts) * n,
-            text_len=pe.shape[1], num_warmup=max(len(timesteps) - steps * pipe.scheduler.order, 0),
+            shared=shared,
+            guidance_scale=kw["guidance_scale"],
+            grid=grid,
+            prompts=prompts,
+            images=len(prompts) * n,
+            text_len=pe.shape[1],
+            num_warmup=max(len(timesteps) - steps * pipe.scheduler.order, 0),
         )
 
     def predict(self, pipe, x, t, rows, shared):

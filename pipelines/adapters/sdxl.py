@@ -1,4 +1,5 @@
 """Stable Diffusion XL adapter (mirrors `StableDiffusionXLPipeline.__call__`)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,26 +24,48 @@ class SDXLAdapter(SDAdapter):
         n = kw["num_images_per_prompt"]
         lora_scale = (kw.get("cross_attention_kwargs") or {}).get("scale")
         pe, npe, pooled, npooled = pipe.encode_prompt(
-            prompt=kw["prompt"], prompt_2=kw.get("prompt_2"), device=device, num_images_per_prompt=n,
-            do_classifier_free_guidance=cfg, negative_prompt=kw.get("negative_prompt"),
-            negative_prompt_2=kw.get("negative_prompt_2"), prompt_embeds=pe_in,
+            prompt=kw["prompt"],
+            prompt_2=kw.get("prompt_2"),
+            device=device,
+            num_images_per_prompt=n,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=kw.get("negative_prompt"),
+            negative_prompt_2=kw.get("negative_prompt_2"),
+            prompt_embeds=pe_in,
             negative_prompt_embeds=kw.get("negative_prompt_embeds"),
             pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"),
-            lora_scale=lora_scale, clip_skip=kw.get("clip_skip"),
+            lora_scale=lora_scale,
+            clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas"))
+        timesteps, steps = retrieve_timesteps(
+            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
+        )
         latents = pipe.prepare_latents(
-            len(prompts) * n, pipe.unet.config.in_channels, h, w, pe.dtype, device, kw.get("generator"), kw.get("latents")
+            len(prompts) * n,
+            pipe.unet.config.in_channels,
+            h,
+            w,
+            pe.dtype,
+            device,
+            kw.get("generator"),
+            kw.get("latents"),
         )
         proj_dim = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         time_ids = pipe._get_add_time_ids(
-            original_size, kw.get("crops_coords_top_left", (0, 0)), target_size, dtype=pe.dtype, text_encoder_projection_dim=proj_dim
+            original_size,
+            kw.get("crops_coords_top_left", (0, 0)),
+            target_size,
+            dtype=pe.dtype,
+            text_encoder_projection_dim=proj_dim,
         )
         if kw.get("negative_original_size") is not None and kw.get("negative_target_size") is not None:
             neg_time_ids = pipe._get_add_time_ids(
-                kw["negative_original_size"], kw.get("negative_crops_coords_top_left", (0, 0)), kw["negative_target_size"],
-                dtype=pe.dtype, text_encoder_projection_dim=proj_dim,
+                kw["negative_original_size"],
+                kw.get("negative_crops_coords_top_left", (0, 0)),
+                kw["negative_target_size"],
+                dtype=pe.dtype,
+                text_encoder_projection_dim=proj_dim,
             )
         else:
             neg_time_ids = time_ids
@@ -58,10 +81,17 @@ class SDXLAdapter(SDAdapter):
         if kw.get("cross_attention_kwargs"):
             shared["cross_attention_kwargs"] = kw["cross_attention_kwargs"]
         return Prepared(
-            latents=latents, timesteps=timesteps, num_steps=steps,
-            cond=branch(pe, pooled, time_ids), uncond=branch(npe, npooled, neg_time_ids) if cfg else None,
-            shared=shared, guidance_scale=kw["guidance_scale"], guidance_rescale=kw.get("guidance_rescale", 0.0),
-            grid=tuple(latents.shape[-2:]), prompts=prompts, images=rows,
+            latents=latents,
+            timesteps=timesteps,
+            num_steps=steps,
+            cond=branch(pe, pooled, time_ids),
+            uncond=branch(npe, npooled, neg_time_ids) if cfg else None,
+            shared=shared,
+            guidance_scale=kw["guidance_scale"],
+            guidance_rescale=kw.get("guidance_rescale", 0.0),
+            grid=tuple(latents.shape[-2:]),
+            prompts=prompts,
+            images=rows,
             extra_step=pipe.prepare_extra_step_kwargs(kw.get("generator"), kw.get("eta", 0.0)),
             num_warmup=max(len(timesteps) - steps * pipe.scheduler.order, 0),
         )
