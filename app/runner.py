@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from attnctrl.controls.registry import (
     CONTROLS,
@@ -199,17 +199,14 @@ def heatmap_tiles(
     maps, images: Sequence[Image.Image], size: int = 192, alpha: float = 0.55
 ) -> list[tuple[Image.Image, str]]:
     """(overlay, caption) per word and image: the word's map (normalised, coloured) over the grey picture."""
-    from attnctrl.maps import colorize
+    from attnctrl.maps import grey_base, overlay
 
     tiles = []
     for i, picture in enumerate(images):
-        grey = ImageOps.grayscale(picture.convert("RGB")).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        grey = grey_base(picture, size)
         for word, m in maps.words(i).items():
-            a = m.float().numpy()
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-            heat = Image.fromarray(colorize(a)).resize((size, size), Image.Resampling.BICUBIC)
             caption = word if len(images) == 1 else f"image {i + 1}: {word}"
-            tiles.append((Image.blend(grey, heat, alpha), caption))
+            tiles.append((overlay(m, grey, size, alpha), caption))
     return tiles
 
 

@@ -53,6 +53,21 @@ class AttentionCall:
         return self.q.shape[0]
 
 
+def layer_scale(attn: Any) -> float:
+    """The softmax scale of a diffusers attention module: its ``scale`` (``Attention``: ``dim_head**-0.5``,
+    or 1.0 without ``scale_qk``), else ``head_dim**-0.5`` (``FluxAttention`` has no ``scale``; its
+    processor lets SDPA use the default)."""
+    scale = getattr(attn, "scale", None)
+    return scale if scale is not None else attn.head_dim**-0.5
+
+
+def sdpa_scale(scale: float, head_dim: int) -> float | None:
+    """The ``scale=`` to give SDPA for a layer with softmax scale `scale`: None (SDPA's own default,
+    as the model's processor calls it, so outputs match bit for bit) when `scale` is the default
+    ``head_dim**-0.5``, else `scale`."""
+    return None if abs(scale - head_dim**-0.5) < 1e-12 else scale
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q·kᵀ·scale + bias) over keys, computed in float32 and cast back to q's dtype."""
     logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
@@ -63,8 +78,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
 
 def _sdpa(call: AttentionCall, bias: torch.Tensor | None, skip: slice | None = None) -> torch.Tensor:
     """SDPA over the batch; rows in `skip` (whose output a control replaces whole) are left at zero."""
-    default_scale = call.q.shape[-1] ** -0.5
-    scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale
+    scale = sdpa_scale(call.scale, call.q.shape[-1])
     if skip is None:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, dropout_p=0.0, scale=scale)
     out = call.q.new_zeros(call.q.shape[:-1] + call.v.shape[-1:])

@@ -58,7 +58,7 @@ def _diffusers(pipe):
     return inner if isinstance(inner, DiffusionPipeline) else pipe
 
 
-def _family(pipe) -> str:
+def _invertible_family(pipe) -> str:
     from .models.loading import family_of
 
     family = family_of(pipe)
@@ -193,7 +193,7 @@ def invert_latents(
     scheduler's). `fixed_point_iterations` > 0 re-evaluates ε at the new z_t that many times
     (fixed-point DDIM inversion, Pan et al. ICCV 2023 "AIDI")."""
     pipe = _diffusers(pipe)
-    family = _family(pipe)
+    family = _invertible_family(pipe)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("inversion needs a non-empty prompt describing the image")
     sched = scheduler if scheduler is not None else pipe.scheduler
@@ -247,7 +247,7 @@ def invert_trajectory(
     from diffusers import DDIMScheduler
 
     pipe = _diffusers(pipe)
-    family = _family(pipe)
+    family = _invertible_family(pipe)
     ts = torch.as_tensor(timesteps).flatten()
     if len(ts) < 1:
         raise ValueError("inversion needs at least one timestep")
@@ -324,7 +324,7 @@ def ddim_invert(
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     pipe = _diffusers(pipe)
-    _family(pipe)
+    _invertible_family(pipe)
     if latents is None:
         if image is None:
             raise ValueError("give an image (or latents=) to invert")

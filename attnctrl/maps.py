@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .state import prompt_index
+
 if TYPE_CHECKING:  # pragma: no cover
     from .state import TextEncoders
 
@@ -37,6 +39,23 @@ def colorize(m: np.ndarray) -> np.ndarray:
     hi = np.minimum(lo + 1, len(_CMAP) - 1)
     frac = (x - lo)[..., None]
     return (_CMAP[lo] * (1 - frac) + _CMAP[hi] * frac).astype(np.uint8)
+
+
+def grey_base(picture: Image.Image, size: int) -> Image.Image:
+    """The picture under a heatmap: RGB, resized (bicubic) to size × size, then greyed (heat reads
+    better on grey)."""
+    base = picture.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return ImageOps.grayscale(base).convert("RGB")
+
+
+def overlay(m: torch.Tensor, base: Image.Image | None, size: int, alpha: float = 0.55) -> Image.Image:
+    """A word's map `m` (H, W) as a size × size heatmap: min-max normalised, coloured
+    (`colorize`), resized (bicubic) and blended with `alpha` over `base` (`grey_base`), or the bare
+    heatmap when `base` is None."""
+    a = m.float().numpy()
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+    heat = Image.fromarray(colorize(a)).resize((size, size), Image.Resampling.BICUBIC)
+    return Image.blend(base, heat, alpha) if base is not None else heat
 
 
 def _font(size: int):
@@ -87,8 +106,7 @@ class AttentionMapResult:
         """Prompt of image `image` (images are prompt-major: num_images_per_prompt per prompt)."""
         if not self.prompts:
             raise ValueError("this result has no prompts recorded; pass token indices instead of words")
-        per = self.num_images // len(self.prompts)
-        return self.prompts[image // per]
+        return self.prompts[prompt_index(image, self.num_images, len(self.prompts))]
 
     def token_indices(self, image: int, word) -> list[int]:
         """Indices of `word` (a word, phrase, "word#2" or raw indices) in the text tokens the layers saw."""
@@ -123,12 +141,9 @@ class AttentionMapResult:
         maps = self.words(image)
         base = picture.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC) if picture is not None else None
         tiles = [("image", base)] if base is not None else []
-        grey = ImageOps.grayscale(base).convert("RGB") if base is not None else None  # heat reads better on grey
+        grey = grey_base(picture, tile) if picture is not None else None
         for w, m in maps.items():
-            a = m.numpy()
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-            heat = Image.fromarray(colorize(a)).resize((tile, tile), Image.Resampling.BICUBIC)
-            tiles.append((w, Image.blend(grey, heat, alpha) if grey is not None else heat))
+            tiles.append((w, overlay(m, grey, tile, alpha)))
         return _grid(tiles, tile, title=self.prompt_of(image))
 
     def save(self, path: str | Path, image: int = 0, picture: Image.Image | None = None) -> Path:

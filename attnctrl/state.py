@@ -82,6 +82,16 @@ class TextEncoders:
     encode: Callable[[list[str]], Any] | None = None
 
 
+def images_per_prompt(images: int, prompts: int) -> int:
+    """Images per prompt in a prompt-major batch of `images` images for `prompts` prompts (at least 1)."""
+    return max(images // max(prompts, 1), 1)
+
+
+def prompt_index(image: int, images: int, prompts: int) -> int:
+    """Which prompt (0-based) image `image` of a prompt-major batch of `images` images shows."""
+    return min(image // images_per_prompt(images, prompts), prompts - 1)
+
+
 @dataclass
 class RunContext:
     """Everything one controlled run shares with its controls and attention processors.
@@ -115,8 +125,11 @@ class RunContext:
         """The prompt of image `image` (prompt-major: ``images // len(prompts)`` images per prompt)."""
         if not self.prompts:
             raise ValueError("this run has no prompt text (ac.attach does not see it); pass token indices")
-        per = max(self.layout.images // len(self.prompts), 1)
-        return self.prompts[min(image // per, len(self.prompts) - 1)]
+        return self.prompts[prompt_index(image, self.layout.images, len(self.prompts))]
+
+    def images_per_prompt(self) -> int:
+        """Images per prompt of this run (`images_per_prompt`); image ``n * per`` is prompt n's first."""
+        return images_per_prompt(self.layout.images, len(self.prompts))
 
     def needs_text(self, who: str) -> TextEncoders:
         """The run's `TextEncoders`, or a ValueError naming `who` when the run has none (ac.attach)."""

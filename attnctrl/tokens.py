@@ -30,6 +30,8 @@ from typing import Any, NamedTuple, Union
 __all__ = [
     "TokenSpec",
     "TokenError",
+    "GroupsLike",
+    "parse_groups",
     "TokenRow",
     "prompt_words",
     "word_labels",
@@ -54,6 +56,48 @@ _T5_DEFAULT = {"sd3": 256, "flux": 512}  # diffusers' default max_sequence_lengt
 
 class TokenError(ValueError):
     """A token spec that does not resolve against a prompt (unknown word, bad index, ...)."""
+
+
+GroupsLike = Union[str, Sequence[Union[str, int, Sequence[Union[str, int]]]]]
+
+
+def parse_groups(groups: GroupsLike | None) -> list[list]:
+    """Token groups (Conform, AttentionModulation) as lists of token specs; the syntax only.
+
+    Accepts ``"red car;white sheep"`` (groups separated by ``;``, words by spaces), a list of such
+    strings (``["red car", "white sheep"]``; the command line's ``groups=red car,white sheep``) or a
+    list of lists of words, phrases or raw token indices (``[["red", "car"], ["light blue",
+    "sheep"]]``); a bare index is a group of its own. ``None`` or a blank string → no groups. Words
+    are stripped. Raises ValueError for an empty group, a blank word, or a ``;`` inside a list item.
+    Each control checks what its groups may hold (overlaps, words only) itself.
+    """
+    if groups is None:
+        return []
+    if isinstance(groups, str):
+        if not groups.strip():
+            return []
+        items: list = groups.split(";")
+    else:
+        items = list(groups)
+    out: list[list] = []
+    for item in items:
+        if isinstance(item, str):
+            if ";" in item:
+                raise ValueError(
+                    f"groups: {item!r} contains ';' — separate groups with ';' only in the one-string form"
+                )
+            words: list = item.split()
+        elif isinstance(item, (list, tuple)):
+            words = list(item)
+        else:
+            words = [item]
+        if not words:
+            raise ValueError(f"groups: empty group in {groups!r}; give at least one word per group")
+        for w in words:
+            if isinstance(w, str) and not w.strip():
+                raise ValueError(f"groups: each word must be a non-empty string, got {w!r} in {item!r}")
+        out.append([w.strip() if isinstance(w, str) else w for w in words])
+    return out
 
 
 class TokenRow(NamedTuple):
@@ -403,22 +447,37 @@ def encoder_tokenizers(pipe: Any) -> dict[str, Any]:
 
 
 def _family(pipe: Any, family: str | None) -> str:
+    """`family` validated; when None, the family of `pipe` (`attnctrl.models.loading.family_of`).
+
+    A `ControlledPipeline` gives its ``family``; a diffusers pipeline is read by ``family_of``. A
+    run's `attnctrl.state.TextEncoders` has no denoiser to read the family from: pass `family`.
+    Other stand-ins (tokenizer attributes only, no ``components``) are read by their tokenizers:
+    ``tokenizer_3`` → sd3, a T5 ``tokenizer_2`` → flux, another ``tokenizer_2`` → sdxl, else sd.
+    """
     if family is not None:
         f = family.lower()
         if f not in _FAMILIES:
             raise TokenError(f"unknown model family {family!r}; expected one of {', '.join(_FAMILIES)}")
         return f
-    name = type(_unwrap(pipe)).__name__.lower()
-    if "flux" in name:
-        return "flux"
-    if "stablediffusion3" in name or hasattr(_unwrap(pipe), "tokenizer_3"):
+    from .state import TextEncoders
+
+    if isinstance(pipe, TextEncoders):
+        raise TokenError("a run's TextEncoders has no model family: pass family= (the run's RunContext.family)")
+    own = getattr(pipe, "family", None)
+    if isinstance(own, str) and own in _FAMILIES:
+        return own  # a ControlledPipeline
+    inner = _unwrap(pipe)
+    if isinstance(getattr(inner, "components", None), dict):
+        from .models.loading import family_of
+
+        return family_of(inner)
+    # a stand-in with tokenizers only: what its tokenizers say
+    if hasattr(inner, "tokenizer_3"):
         return "sd3"
-    tok2 = getattr(_unwrap(pipe), "tokenizer_2", None)
+    tok2 = getattr(inner, "tokenizer_2", None)
     if "t5" in type(tok2).__name__.lower():
         return "flux"
-    if "xl" in name or tok2 is not None:
-        return "sdxl"
-    return "sd"
+    return "sdxl" if tok2 is not None else "sd"
 
 
 def _t5_name(family: str) -> str | None:

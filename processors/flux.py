@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attnctrl.attention import AttentionCall, active_chain, attend
+from attnctrl.attention import AttentionCall, active_chain, attend, layer_scale
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext
 
@@ -63,7 +63,7 @@ class FluxAttnProcessor:
             q_text=text if n_txt else None,
             k_text=text if n_txt else None,
             grid=self.run.grid,
-            scale=attn.head_dim**-0.5,
+            scale=layer_scale(attn),
             mask=attention_mask,
             module=attn,
             extras={"rope": image_rotary_emb},

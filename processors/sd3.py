@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnctrl.attention import AttentionCall, active_chain, attend
+from attnctrl.attention import AttentionCall, active_chain, attend, layer_scale
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext
 
@@ -67,7 +67,7 @@ class SD3JointAttnProcessor:
             q_text=text,
             k_text=text,
             grid=self.run.grid,
-            scale=attn.scale,
+            scale=layer_scale(attn),
             mask=attention_mask,
             module=attn,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from attnctrl.attention import AttentionCall, active_chain, attend
+from attnctrl.attention import AttentionCall, active_chain, attend, layer_scale
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext
 
@@ -74,7 +74,7 @@ class UNetAttnProcessor:
             k_image=slice(0, 0) if is_cross else slice(0, key.shape[2]),
             k_text=slice(0, key.shape[2]) if is_cross else None,
             grid=grid,
-            scale=attn.scale,
+            scale=layer_scale(attn),
             mask=attention_mask,
             module=attn,
         )

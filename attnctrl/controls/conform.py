@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from attnctrl.losses import nt_xent_loss
+from attnctrl.tokens import parse_groups
 
 from .attention_loss import AttentionLossControl
 
@@ -17,18 +18,9 @@ CONFORM_REFINEMENT = (0, 10, 20)
 CONFORM_STEPS = (0, 30)
 
 
-def parse_groups(groups: Any) -> list[list]:
-    """Groups as lists of token specs, from a list of lists or ``"green glasses;yellow clock"``."""
-    if groups is None:
-        return []
-    if isinstance(groups, str):
-        groups = [g.split() for g in groups.split(";") if g.strip()]
-    out = []
-    for g in groups:
-        items = g.split() if isinstance(g, str) else list(g) if isinstance(g, (list, tuple)) else [g]
-        if not items:
-            raise ValueError("a group is empty; give at least one word per group")
-        out.append(items)
+def _groups(groups: Any) -> list[list]:
+    """`attnctrl.tokens.parse_groups`, refusing groups that share a word or token index."""
+    out = parse_groups(groups)
     seen: dict = {}
     for n, g in enumerate(out):
         for item in g:
@@ -110,7 +102,7 @@ class Conform(AttentionLossControl):
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         if smoothing and sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        self.groups = parse_groups(groups)
+        self.groups = _groups(groups)
         self.temperature, self.previous = float(temperature), bool(previous)
         self.softmax_normalize = bool(softmax_normalize)
         self.softmax_normalize_attention_maps = bool(softmax_normalize_attention_maps)

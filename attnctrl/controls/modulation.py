@@ -33,53 +33,25 @@ assignment per image row and patch, shared by all (selected) heads — so the bi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..control import Control
 from ..selectors import SelectorLike
-from ..tokens import TokenError
-
-GroupsLike = str | Sequence[str | Sequence[str]]
+from ..tokens import GroupsLike, TokenError, parse_groups
 
 _NEG_INF = float("-inf")
 
 
-def parse_groups(groups: GroupsLike | None) -> list[list[str]]:
-    """Normalise `groups` to a list of groups, each a list of word specs (entity noun last).
-
-    Accepts ``"red car;white sheep"`` (groups separated by ``;``, words by spaces), a list of such
-    strings (``["red car", "white sheep"]``) or a list of lists of words/phrases
-    (``[["red", "car"], ["light blue", "sheep"]]``). ``None`` or ``""`` → no groups.
-    """
-    if groups is None:
-        return []
-    if isinstance(groups, str):
-        items: list = [g for g in groups.split(";")]
-        if not groups.strip():
-            return []
-    else:
-        items = list(groups)
-    out: list[list[str]] = []
-    for item in items:
-        if isinstance(item, str):
-            if ";" in item:
-                raise ValueError(
-                    f"groups: {item!r} contains ';' — separate groups with ';' only in the one-string form"
-                )
-            words = item.split()
-        elif isinstance(item, Sequence):
-            words = list(item)
-        else:
-            raise TypeError(f"groups: each group is a string or a list of words, got {item!r}")
-        if not words:
-            raise ValueError(f"groups: empty group in {groups!r}")
+def _groups(groups: GroupsLike | None) -> list[list[str]]:
+    """`attnctrl.tokens.parse_groups`, then this control's rules: words only (entity noun last),
+    and no word in two groups."""
+    out = parse_groups(groups)
+    for words in out:
         for w in words:
-            if not isinstance(w, str) or not w.strip():
-                raise ValueError(f"groups: each word must be a non-empty string, got {w!r} in {item!r}")
-        out.append([w.strip() for w in words])
+            if not isinstance(w, str):
+                raise ValueError(f"groups: each word must be a non-empty string, got {w!r} in {words!r}")
     seen: dict[str, int] = {}
     for g, words in enumerate(out):
         for w in words:
@@ -224,7 +196,7 @@ class AttentionModulation(Control):
         phase_split: float = 0.5,
         layers: SelectorLike | None = None,
     ):
-        self.groups = parse_groups(groups)
+        self.groups = _groups(groups)
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
@@ -296,7 +268,7 @@ class AttentionModulation(Control):
         if not self.groups:
             return
         run.needs_text("AttentionModulation with groups")
-        per = max(run.layout.images // len(run.prompts), 1)
+        per = run.images_per_prompt()
         run.store[self]["tokens"] = [self._resolve(run, n * per) for n in range(len(run.prompts))]
 
     def _resolve(self, run, image: int) -> _Tokens:
@@ -365,7 +337,7 @@ class AttentionModulation(Control):
             return None
         tokens = call.run.store[self]["tokens"]
         layout = call.run.layout
-        per_prompt = layout.images // len(tokens)
+        per_prompt = call.run.images_per_prompt()  # tokens: one entry per prompt
         n_q, n_k = call.q.shape[2], call.k.shape[2]
         n_txt = call.k_text.stop - call.k_text.start
         heads = None if call.heads is None else sorted(call.heads)
@@ -419,4 +391,4 @@ class AttentionModulation(Control):
         return scores.argmax(dim=-1)
 
 
-__all__ = ["AttentionModulation", "parse_groups"]
+__all__ = ["AttentionModulation"]

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ..attention import sdpa_scale
 from ..control import Control
 from ..phrases import Phrase, noun_phrases
 from ..selectors import SelectorLike
@@ -170,7 +171,7 @@ class StructuredGuidance(Control):
                         f"StructuredGuidance does not support layers with a cross-attention norm ({name})"
                     )
         pieces = _phrase_tokens(text.encode, _tokenizers(text, run.family), prompts, per_prompt)
-        per_image = run.layout.images // len(prompts)
+        per_image = run.images_per_prompt()
         st: dict[str, Any] = {"phrases": per_prompt, "cache": {}}
         if self.conjunction:
             single, single_mask, keys, key_weights = _conjunction_sequences(pieces)
@@ -258,8 +259,7 @@ class StructuredGuidance(Control):
         q, k, v = call.q[rows], call.k[rows], call.v[rows]
         a = t["key_weights"]  # (B, n+1): 1/(n_b+1) for the keys of prompt b, 0 past its phrases
         total = a[:, 0, None, None, None] * o[rows]
-        default_scale = q.shape[-1] ** -0.5
-        scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale
+        scale = sdpa_scale(call.scale, q.shape[-1])
         for j, (mask, keys) in enumerate(t["keys"], start=1):
             kj = (1 - mask) * k + mask * keys
             total = total + a[:, j, None, None, None] * F.scaled_dot_product_attention(q, kj, v, scale=scale)
