@@ -20,6 +20,10 @@ Run lifetime:
     begin(run) / end(run)                set up and tear down per-run state (kept in ``run.store[self]``).
     result(run)                          a value placed on the output (``out.maps`` for maps).
 
+What a control does to a layer (`EFFECTS`): each control's `layer_effects()` is what its hooks say
+(`HOOK_EFFECTS`) refined by what it declares in `effects`; `plan.build_plan` refuses two controls on
+one layer whose effects conflict (`plan.CONFLICTS`), since their order would silently change meaning.
+
 A control object is configuration; what one run needs lives on the run (``run.store[self]``),
 never on the control, so one control object serves any number of runs.
 """
@@ -40,13 +44,46 @@ if TYPE_CHECKING:  # pragma: no cover
 HOOKS = ("qkv", "bias", "probs", "out")
 _IMPLEMENTS: dict[tuple[type, str], bool] = {}
 
+#: the fixed vocabulary of what a control does to a layer it is planned on
+EFFECTS: dict[str, str] = {
+    "edits_qkv": "edits q/k/v in place, keeping their meaning (e.g. AdaIN toward a reference's statistics)",
+    "replaces_kv": "replaces the layer's own keys/values by another row's (MutualSelfAttention)",
+    "extends_kv": "appends keys/values to the layer's own (SharedAttention, IsolationReposition's sharing)",
+    "edits_values": "rewrites the layer's values (StructuredGuidance)",
+    "edits_scale": "changes the softmax scale / temperature (AttentionModulation's τ)",
+    "bias": "adds an additive logits bias (masks, weights, −∞ isolation)",
+    "reads_probs": "reads the explicit probabilities without changing the layer's output",
+    "edits_probs": "edits the explicit probabilities",
+    "edits_out": "edits or replaces rows of the per-head output (PAG, exact reference rows)",
+    "adds_branch": "adds a batch branch to the denoiser call (PAG's perturbed branch)",
+}
+_QKV_EFFECTS = frozenset({"edits_qkv", "replaces_kv", "extends_kv", "edits_values", "edits_scale"})
+#: hook -> (the effect an implemented hook implies, the declared effects that already describe it)
+HOOK_EFFECTS: dict[str, tuple[str, frozenset[str]]] = {
+    "qkv": ("edits_qkv", _QKV_EFFECTS),
+    "bias": ("bias", frozenset({"bias"})),
+    "probs": ("edits_probs", frozenset({"reads_probs", "edits_probs"})),  # "reads_probs" if `observes_only`
+    "out": ("edits_out", frozenset({"edits_out"})),
+    "replaced_rows": ("edits_out", frozenset({"edits_out"})),
+    "branches": ("adds_branch", frozenset({"adds_branch"})),
+}
+
+
+def _check_effects(owner: str, effects: frozenset[str]) -> None:
+    unknown = sorted(set(effects) - EFFECTS.keys())
+    if unknown:
+        raise ValueError(f"{owner}.effects: unknown effect(s) {unknown}; the vocabulary is {sorted(EFFECTS)}")
+
 
 class Control:
     """Base class of all controls. Subclasses set `name`, `default_layers` and override hooks."""
 
     name: str = "control"
     default_layers: SelectorLike = "self"
-    #: names of controls this one cannot share a layer with (checked before the first step)
+    #: what this control does to a layer that its hooks alone do not say (names from `EFFECTS`), e.g.
+    #: ``frozenset({"replaces_kv"})``; a property where it depends on the configuration
+    effects: frozenset[str] = frozenset()
+    #: names of controls this one cannot share a layer with, beyond what `effects` imply (checked before step 1)
     exclusive_with: tuple[str, ...] = ()
     #: key on the pipeline output under which `result()` is returned (None: not returned)
     result_key: str | None = None
@@ -87,6 +124,24 @@ class Control:
         if found is None:
             found = _IMPLEMENTS[key] = getattr(type(self), hook) is not getattr(Control, hook)
         return found
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("effects")
+        if isinstance(declared, frozenset):  # a typo fails at import; a property is checked at planning
+            _check_effects(cls.__name__, declared)
+
+    def layer_effects(self) -> frozenset[str]:
+        """What this control does to each layer it is planned on: the declared `effects`, plus for
+        every implemented hook (`HOOK_EFFECTS`) that no declared effect describes, the effect it
+        implies (`probs`: "reads_probs" if `observes_only`, else "edits_probs")."""
+        declared = frozenset(self.effects)
+        _check_effects(type(self).__name__, declared)
+        found = set(declared)
+        for hook, (implied, described_by) in HOOK_EFFECTS.items():
+            if self.implements(hook) and not declared & described_by:
+                found.add("reads_probs" if hook == "probs" and self.observes_only else implied)
+        return frozenset(found)
 
     def check_layers(self, picked: list) -> None:
         """Validate the layers a selector picked (``[(LayerInfo, heads), ...]``); raise ValueError if unfit."""

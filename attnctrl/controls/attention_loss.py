@@ -89,6 +89,7 @@ class AttentionLossControl(Control):
     """
 
     default_layers = "cross"
+    effects = frozenset({"reads_probs"})  # `probs` only reads (explicit so gradients reach the latents)
     observes_only = False
 
     def __init__(

@@ -155,6 +155,8 @@ class IsolationReposition(Control):
     """
 
     name = "isolation"
+    # −∞ isolation bias; with references, the references' subject keys/values are appended
+    effects = property(lambda self: frozenset({"bias"} | ({"extends_kv"} if self.references is not None else set())))
     default_layers = "self"
     observes_only = True  # `probs` only reads the subject maps
 

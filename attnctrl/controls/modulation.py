@@ -182,6 +182,7 @@ class AttentionModulation(Control):
     """
 
     name = "modulation"
+    effects = frozenset({"edits_scale"})  # qkv applies τ (the scale, or q/k scaled per head)
     default_layers = ("self", "cross")
 
     def __init__(

@@ -132,6 +132,7 @@ class MutualSelfAttention(Control):
     """
 
     name = "mutual"
+    effects = frozenset({"replaces_kv"})  # the targets' keys/values are the source row's
     default_layers = "self"
     observes_only = True  # `probs` only reads the cross-attention maps of mask_tokens
 

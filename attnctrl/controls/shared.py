@@ -110,6 +110,7 @@ class SharedAttention(Control):
     """
 
     name = "shared"
+    effects = frozenset({"extends_kv", "edits_qkv"})  # the reference's keys/values appended (+ AdaIN)
     default_layers = "self"
 
     def __init__(

@@ -71,6 +71,7 @@ class StructuredGuidance(Control):
     """
 
     name = "structured"
+    effects = frozenset({"edits_values"})  # the cond rows' values ← the phrases' mean (Eq. 4)
     default_layers = "cross"
 
     def __init__(
