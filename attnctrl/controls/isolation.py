@@ -56,7 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attention import active_chain
+from ..attention import active_chain, sdpa_scale
 from ..control import Control
 from ..layers import forward_order, list_layers
 from ..regions import (
@@ -666,8 +666,7 @@ class IsolationReposition(Control):
         if torch.is_grad_enabled():
             o = o.clone()  # keep autograd's saved tensors intact
         plan = ex["plan"]
-        default = call.q.shape[-1] ** -0.5
-        scale = None if abs(call.scale - default) < 1e-12 else call.scale  # as the layer's own SDPA call
+        scale = sdpa_scale(call.scale, call.q.shape[-1])  # as the layer's own SDPA call
         B = call.batch
         r = plan["others"]
         if ex["skipped"] and len(r):  # the stock SDPA call on the reference rows: own keys, no added mask
@@ -745,8 +744,7 @@ class IsolationReposition(Control):
         q = call.q[t]
         q = q[:, None].expand(T, S, *q.shape[1:]).reshape(T * S, *q.shape[1:])
         r = refs.flatten()
-        default = call.q.shape[-1] ** -0.5
-        scale = None if abs(call.scale - default) < 1e-12 else call.scale
+        scale = sdpa_scale(call.scale, call.q.shape[-1])
         o_ref = F.scaled_dot_product_attention(
             q, call.k[r], call.v[r], attn_mask=_rows_of(call.mask, r, call.batch), dropout_p=0.0, scale=scale
         )

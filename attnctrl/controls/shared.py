@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..attention import sdpa_scale
 from ..control import Control
 from ..images import open_image
 from ..rope import rotate
@@ -350,8 +351,7 @@ class SharedAttention(Control):
         mask = call.extras.get("shared_mask")
         if mask is not None and mask.dim() == 4 and mask.shape[0] == call.batch:
             mask = mask[refs]
-        default_scale = call.q.shape[-1] ** -0.5
-        scale = None if abs(call.scale - default_scale) < 1e-12 else call.scale  # as attnctrl.attention._sdpa
+        scale = sdpa_scale(call.scale, call.q.shape[-1])  # as the layer's own SDPA call
         ref_out = F.scaled_dot_product_attention(
             call.q[refs], call.k[refs, :, :n_own], call.v[refs, :, :n_own], attn_mask=mask, dropout_p=0.0, scale=scale
         )
