@@ -48,61 +48,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..control import Control
-from ..images import open_image
-from ..layers import forward_order, list_layers
-from ..regions import check_masks, mask_cells
+from ..regions import check_masks
 from ..selectors import SelectorLike, as_selectors
-from .synps import SynPS, synps_layers
+from .mutual_layers import MASACTRL_START_LAYER, narrow, shares_here, sharing_layers
+from .mutual_masks import (
+    _NAME,
+    MASK_FACTOR,
+    add_maps,
+    auto_cells,
+    auto_masks,
+    given_cells,
+    masked,
+    resolve_tokens,
+    step_index,
+    token_list,
+)
+from .mutual_source import invert, start_latents
+from .synps import SynPS
 
-MASACTRL_START_LAYER = {"sd": 10, "sdxl": 44}
-#: MaskAuto reads the cross-attention at 1/4 of the input token grid (MasaCtrl: 16×16 at 512 px)
-MASK_FACTOR = 4
-_NAME = "MutualSelfAttention"
+__all__ = ["MASACTRL_START_LAYER", "MASK_FACTOR", "MutualSelfAttention", "auto_masks"]
 _LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
-
-
-def _family_of_layers(layers: list) -> str:
-    places = {lay.place for lay in layers}
-    if places & {"down", "mid", "up"}:
-        # SDXL's first down block has no attention: its first self-attention runs at 1/2 resolution
-        first = min((lay.factor for lay in layers if lay.place == "down"), default=1)
-        return "sdxl" if first >= 2 else "sd"
-    return "flux" if "single" in places else "sd3"
-
-
-def auto_masks(
-    maps: torch.Tensor, map_grid: tuple[int, int], grid: tuple[int, int], threshold: float = 0.1
-) -> torch.Tensor:
-    """MasaCtrl's automatic masks: bool (images, h·w) at `grid` from mean token maps (images, H·W) at `map_grid`.
-
-    Each image's map is min-max normalised over its cells, resized to `grid` (nearest, as
-    ``F.interpolate``'s default in the reference) and thresholded: foreground where ``≥ threshold``.
-    A constant map normalises to 0 (all background).
-    """
-    m = maps.float()
-    lo, hi = m.amin(dim=-1, keepdim=True), m.amax(dim=-1, keepdim=True)
-    m = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
-    m = m.reshape(m.shape[0], 1, *map_grid)
-    if tuple(map_grid) != tuple(grid):
-        m = F.interpolate(m, size=tuple(grid), mode="nearest")
-    return (m >= threshold).flatten(1)
-
-
-def _token_list(value, what: str) -> list | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (str, int)) else list(value) if isinstance(value, (list, tuple)) else None
-    ok = items and all(
-        (isinstance(t, str) and t.strip()) or (isinstance(t, int) and not isinstance(t, bool)) for t in items
-    )
-    if not ok:
-        raise ValueError(
-            f"{what} must be a word or phrase of the prompt (or a list of them, or token indices), got {value!r}"
-        )
-    return items
 
 
 class MutualSelfAttention(Control):
@@ -172,8 +139,8 @@ class MutualSelfAttention(Control):
             raise ValueError("source_prompt is the inversion prompt: it needs source_image=")
         if not isinstance(same_noise, bool):
             raise ValueError(f"same_noise must be True or False, got {same_noise!r}")
-        mask_tokens = _token_list(mask_tokens, "mask_tokens")
-        target_mask_tokens = _token_list(target_mask_tokens, "target_mask_tokens")
+        mask_tokens = token_list(mask_tokens, "mask_tokens")
+        target_mask_tokens = token_list(target_mask_tokens, "target_mask_tokens")
         if target_mask_tokens is not None and mask_tokens is None:
             raise ValueError("target_mask_tokens needs mask_tokens= (the source's words)")
         if mask_tokens is not None and source_mask is not None:
@@ -201,49 +168,12 @@ class MutualSelfAttention(Control):
 
     # ---- where and when ------------------------------------------------------------------------
     def narrow_layers(self, picked: list, grid) -> list:
-        reads = self.mask_tokens is not None
-        cross = [(lay, h) for lay, h in picked if reads and lay.kind == "cross" and lay.factor == MASK_FACTOR]
-        picked = [(lay, h) for lay, h in picked if lay.has_part("self")]
-        if not picked:
-            return picked
-        order = forward_order([lay for lay, _ in picked])
-        family = _family_of_layers(order)
-        if reads and family not in ("sd", "sdxl"):
-            raise NotImplementedError(
-                f"{_NAME}: mask_tokens (MasaCtrl's automatic masks) supports SD and SDXL UNets, not {family}"
-            )
-        if reads and not cross:
-            raise ValueError(
-                f"{_NAME}: mask_tokens reads cross-attention at 1/{MASK_FACTOR} of the token grid (MasaCtrl's 16x16 at "
-                "512 px); this model has no cross-attention layer there"
-            )
-        if self._user_layers is not None:
-            return picked + cross
-        chosen = {lay.name for lay in self.sharing_layers(order, family)}
-        if family == "flux" and self.pe_modulation:
-            return picked  # SynPS's measure reads every block; `_shares` picks the sharing ones
-        return [(lay, h) for lay, h in picked if lay.name in chosen] + cross
+        return narrow(self, picked, grid)
 
     def sharing_layers(self, order: list, family: str) -> list:
         """The layers that share among `order` (self-attention layers in forward order) without `layers=`:
         SynPS's blocks on FLUX, else from `start_layer` on (default 10 on SD, 44 on SDXL, the second half)."""
-        if family == "flux" and self.start_layer is None:
-            chosen = synps_layers(order)
-        else:
-            start = self.start_layer
-            if start is None:
-                start = MASACTRL_START_LAYER.get(family, len(order) // 2)
-            if start >= len(order):
-                raise ValueError(
-                    f"{_NAME}: start_layer={start} but this model has {len(order)} self-attention layers "
-                    f"(counted from 0 in forward order); give a smaller start_layer or layers="
-                )
-            chosen = order[start:]
-        if not chosen:
-            raise ValueError(
-                f"{_NAME}: no layer of SynPS's block set exists in this model; give start_layer or layers="
-            )
-        return chosen
+        return sharing_layers(self, order, family)
 
     def check_layers(self, picked) -> None:
         if not any(lay.has_part("self") for lay, _ in picked):
@@ -255,23 +185,6 @@ class MutualSelfAttention(Control):
         if self.steps is not None or run.state is None:
             return self.active(run.state)
         return run.state.index >= run.store[self]["start"]
-
-    def _shares(self, call, st) -> bool:
-        """Whether this layer reads the source's keys: not a cross-attention layer read for MaskAuto's maps
-        and, where SynPS's measure reads every FLUX block, one of the sharing blocks."""
-        if call.layer.kind == "cross":
-            return False
-        run = call.run
-        if self._user_layers is not None or not self.pe_modulation or run.family != "flux":
-            return True  # the plan holds just the sharing layers (and the maps' cross-attention)
-        got = st.get("sharing")
-        if got is None or got[0] is not run.plan:  # once per plan (ac.attach plans again for a new grid)
-            mine = {name for name, entries in run.plan.items() if any(c is self for c, _ in entries)}
-            order = forward_order(
-                [lay for lay in list_layers(run.denoiser) if lay.name in mine and lay.has_part("self")]
-            )
-            got = st["sharing"] = (run.plan, frozenset(lay.name for lay in self.sharing_layers(order, "flux")))
-        return call.layer.name in got[1]
 
     # ---- loop hooks ----------------------------------------------------------------------------
     def loop_hooks(self) -> tuple[str, ...]:
@@ -307,34 +220,11 @@ class MutualSelfAttention(Control):
                 check_masks(self.target_mask, 1, sizes, "target_mask"),
             )
         if self.mask_tokens is not None:
-            st["tokens"] = self._resolve_tokens(run)
+            st["tokens"] = resolve_tokens(self, run)
         st["modulate"] = flux and self.pe_modulation and bool(run.timesteps)  # ac.attach: plain mutual attention
         if self.source_image is not None:
-            st["inverted"] = self._invert(run)
+            st["inverted"] = invert(self, run)
         run.store[self] = st
-
-    def _resolve_tokens(self, run) -> list[list[int]]:
-        """Token indices per image: the source's mask_tokens in its prompt, the target tokens in each target's."""
-        run.needs_text(f"{_NAME}(mask_tokens=)")
-        out = []
-        for img in range(run.layout.images):
-            words = self.mask_tokens if img == self.source else (self.target_mask_tokens or self.mask_tokens)
-            idx: list[int] = []
-            for w in words or ():
-                idx += [i for i in run.tokens(img, w) if i not in idx]
-            out.append(idx)
-        return out
-
-    def _invert(self, run):
-        """The source image inverted to every timestep of the run (`run.invert`)."""
-        if run.invert is None:
-            raise ValueError("source_image needs ControlledPipeline (the inverted latents enter its loop)")
-        if run.family not in ("sd", "sdxl"):
-            raise NotImplementedError(f"source_image (DDIM inversion) supports SD and SDXL, not {run.family}")
-        image = open_image(self.source_image, what="source image")
-        prompt = self.source_prompt or run.prompt_of(self.source)
-        h, w = run.pixel_size
-        return run.invert(image, prompt, guidance_scale=self.inversion_guidance, height=h, width=w)
 
     def end(self, run) -> None:
         run.store.pop(self, None)
@@ -343,15 +233,7 @@ class MutualSelfAttention(Control):
     def before_step(self, run, latents, denoise):
         """Step 0: every row starts from the source's latents (or the inverted ones); the inverted source
         row is pinned to the trajectory (`at_step(i)`: the latents at the run's i-th timestep)."""
-        st, index = run.store.get(self), run.state.index
-        inverted = None if st is None else st.get("inverted")
-        if index == 0 and self.same_noise and latents.shape[0] > 1:
-            start = latents[self.source] if inverted is None else inverted.at_step(0)[0]
-            latents = start.to(latents.device, latents.dtype).expand_as(latents).clone()
-        if inverted is not None and (self.pin_source or index == 0):
-            latents = latents.clone()
-            latents[self.source] = inverted.at_step(index)[0].to(latents.device, latents.dtype)
-        return latents
+        return start_latents(self, run, latents)
 
     # ---- attention -----------------------------------------------------------------------------
     def _rows(self, call) -> dict | None:
@@ -385,8 +267,8 @@ class MutualSelfAttention(Control):
             return
         st = call.run.store[self]
         if st["modulate"]:
-            self.synps.new_step(st, _index(call.run))
-        if not self._shares(call, st):
+            self.synps.new_step(st, step_index(call.run))
+        if not shares_here(self, call, st):
             return  # a layer read only for SynPS's measure or MaskAuto's maps
         idx = rows["src"]
         ki = call.k_image
@@ -407,51 +289,7 @@ class MutualSelfAttention(Control):
 
     def probs(self, call, p: torch.Tensor) -> torch.Tensor:
         """Add this layer's head-averaged maps of the chosen tokens (conditional rows) to the step's sum."""
-        st = call.run.store[self]
-        index = _index(call.run)
-        block = p[call.run.layout.rows("cond"), :, call.q_image, call.k_text].float().mean(dim=1)  # (images, L, T)
-        sel = st.get("select")
-        if sel is None or sel.shape[-1] != block.shape[-1]:
-            sel = torch.zeros(block.shape[0], block.shape[-1], 1)
-            for img, idx in enumerate(st["tokens"]):
-                if max(idx) >= block.shape[-1]:
-                    raise ValueError(
-                        f"{_NAME}: mask token {max(idx)} lies beyond the {block.shape[-1]} text tokens of this model"
-                    )
-                sel[img, idx, 0] = 1.0
-            sel = st["select"] = sel.to(block.device)
-        m = torch.bmm(block, sel)[..., 0]  # (images, L): summed over each image's tokens
-        acc = st["maps"]
-        if acc is None or acc["step"] != index:
-            st["maps"] = {"step": index, "sum": m, "count": 1, "grid": tuple(call.grid)}
-        else:
-            acc["sum"] = acc["sum"] + m
-            acc["count"] += 1
-        return p
-
-    def _auto_cells(self, call, st):
-        """(source key mask (L,), target blend masks (images, L)) at this layer from this step's maps, or None."""
-        acc = st["maps"]
-        index = _index(call.run)
-        if acc is None or acc["step"] != index:
-            return None  # no map of this step yet: plain mutual attention, as the reference
-        key = (index, acc["count"], tuple(call.grid))
-        got = st["auto"]
-        if got is None or got[0] != key:
-            masks = auto_masks(acc["sum"] / acc["count"], acc["grid"], call.grid, self.mask_threshold)
-            got = st["auto"] = (key, (masks[self.source].to(call.q.device), masks.float().to(call.q.device)))
-        return got[1]
-
-    def _cells(self, call, st):
-        """(source key mask (L,), target blend masks (1, L)) from the user's masks at this layer's grid."""
-        key = call.grid
-        got = st["cells"].get(key)
-        if got is None:
-            ms, mt = st["masks"]
-            s = mask_cells(ms, call.grid, exclusive=False)[0].flatten()
-            t = mask_cells(mt, call.grid, exclusive=False)[0].flatten().float()
-            got = st["cells"][key] = (s.to(call.q.device), t[None].to(call.q.device))
-        return got
+        return add_maps(self, call, p)
 
     def out(self, call, o: torch.Tensor) -> torch.Tensor:
         rows = self._rows(call)
@@ -459,36 +297,14 @@ class MutualSelfAttention(Control):
             return o
         st = call.run.store[self]
         if "masks" in st:
-            if self._shares(call, st):
-                o = self._masked(call, o, rows, self._cells(call, st))
-        elif self.mask_tokens is not None and call.k_text is None and self._shares(call, st):
-            cells = self._auto_cells(call, st)
+            if shares_here(self, call, st):
+                o = masked(call, o, rows, given_cells(call, st))
+        elif self.mask_tokens is not None and call.k_text is None and shares_here(self, call, st):
+            cells = auto_cells(self, call, st)
             if cells is not None:
-                o = self._masked(call, o, rows, cells)
+                o = masked(call, o, rows, cells)
         if st["modulate"] and call.q_text is not None and call.run.layout.has("cond"):
             self.synps.measure(call, st, o, rows["src"], rows["target"])
-        return o
-
-    def _masked(self, call, o, rows, cells):
-        """MasaCtrl's mask-guided attention on the target rows (their keys are already the source's):
-        ``M_t·A(Q_t, K_s^fg, V_s^fg) + (1 − M_t)·A(Q_t, K_s^bg, V_s^bg)``, fg/bg from the source's mask."""
-        src, tgt = cells
-        t = rows["t"]
-        m = (tgt[rows["img"]] if tgt.shape[0] > 1 else tgt).to(o.dtype)
-        q, k, v = call.q[t], call.k[t], call.v[t]
-        ki, qi = call.k_image, call.q_image
-        fg = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bg = torch.zeros_like(fg)
-        fg[ki] = torch.where(src, 0.0, float("-inf")).to(q.dtype)
-        bg[ki] = torch.where(src, float("-inf"), 0.0).to(q.dtype)
-        o_fg = F.scaled_dot_product_attention(q, k, v, attn_mask=fg.view(1, 1, 1, -1), scale=call.scale)
-        o_bg = F.scaled_dot_product_attention(q, k, v, attn_mask=bg.view(1, 1, 1, -1), scale=call.scale)
-        m = m.view(m.shape[0], 1, -1, 1)
-        blended = m * o_fg[:, :, qi] + (1 - m) * o_bg[:, :, qi]
-        # a source mask with no fore- or no background: plain mutual attention (no host sync to decide)
-        both = src.any() & ~src.all()
-        o = o.clone()
-        o[t, :, qi] = torch.where(both, blended, o[t][:, :, qi])
         return o
 
     def __repr__(self) -> str:
@@ -496,8 +312,3 @@ class MutualSelfAttention(Control):
             f"MutualSelfAttention(source={self.source}, start_step={self.start_step}, start_layer={self.start_layer}, "
             f"layers={self._user_layers!r}, steps={self.steps!r}, same_noise={self.same_noise}, mask_tokens={self.mask_tokens!r})"
         )
-
-
-def _index(run) -> int:
-    """The run's step index (0 before the first step)."""
-    return run.state.index if run.state is not None else 0
