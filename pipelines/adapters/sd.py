@@ -18,6 +18,17 @@ class SDAdapter(Adapter):
     family = "sd"
     unsupported: tuple[str, ...] = ("ip_adapter_image", "ip_adapter_image_embeds", "callback", "callback_steps")
 
+    @staticmethod
+    def _timesteps_and_latents(pipe, kw: dict, rows: int, h: int, w: int, dtype, device):
+        """The scheduler's timesteps and the start latents, as the stock SD / SDXL `__call__` makes them."""
+        timesteps, steps = retrieve_timesteps(
+            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
+        )
+        latents = pipe.prepare_latents(
+            rows, pipe.unet.config.in_channels, h, w, dtype, device, kw.get("generator"), kw.get("latents")
+        )
+        return timesteps, steps, latents
+
     def _timestep_cond(self, pipe, guidance_scale, n, latents):
         if pipe.unet.config.time_cond_proj_dim is None:
             return None
@@ -57,19 +68,7 @@ class SDAdapter(Adapter):
             lora_scale=lora_scale,
             clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps = retrieve_timesteps(
-            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
-        )
-        latents = pipe.prepare_latents(
-            len(prompts) * n,
-            pipe.unet.config.in_channels,
-            h,
-            w,
-            pe.dtype,
-            device,
-            kw.get("generator"),
-            kw.get("latents"),
-        )
+        timesteps, steps, latents = self._timesteps_and_latents(pipe, kw, len(prompts) * n, h, w, pe.dtype, device)
         shared = {"timestep_cond": self._timestep_cond(pipe, kw["guidance_scale"], len(prompts) * n, latents)}
         if kw.get("cross_attention_kwargs"):
             shared["cross_attention_kwargs"] = kw["cross_attention_kwargs"]

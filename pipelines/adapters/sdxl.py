@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from .base import Prepared, prompt_list
 from .sd import SDAdapter
@@ -38,19 +37,7 @@ class SDXLAdapter(SDAdapter):
             lora_scale=lora_scale,
             clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps = retrieve_timesteps(
-            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
-        )
-        latents = pipe.prepare_latents(
-            len(prompts) * n,
-            pipe.unet.config.in_channels,
-            h,
-            w,
-            pe.dtype,
-            device,
-            kw.get("generator"),
-            kw.get("latents"),
-        )
+        timesteps, steps, latents = self._timesteps_and_latents(pipe, kw, len(prompts) * n, h, w, pe.dtype, device)
         proj_dim = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         time_ids = pipe._get_add_time_ids(
             original_size,
