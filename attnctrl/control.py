@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .state import RunContext, StepState
 
 HOOKS = ("qkv", "bias", "probs", "out")
+#: hooks only the denoising loop calls (`ac.attach` refuses controls that need them)
+LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 _IMPLEMENTS: dict[tuple[type, str], bool] = {}
 
 #: the fixed vocabulary of what a control does to a layer it is planned on
@@ -118,12 +120,23 @@ class Control:
         return self.active(run.state)
 
     def implements(self, hook: str) -> bool:
-        """Whether this control overrides `hook` (so the processor must call it). Cached per class."""
+        """Whether this control overrides `hook` (so the processor or loop must call it); a loop hook
+        only if `loop_hooks()` names it. Overriding is cached per class."""
+        if hook in LOOP_HOOKS:
+            return hook in self.loop_hooks()
+        return self._overrides(hook)
+
+    def _overrides(self, hook: str) -> bool:
         key = (type(self), hook)
         found = _IMPLEMENTS.get(key)
         if found is None:
             found = _IMPLEMENTS[key] = getattr(type(self), hook) is not getattr(Control, hook)
         return found
+
+    def loop_hooks(self) -> tuple[str, ...]:
+        """The loop hooks this control needs for its settings. Default: those its class overrides; a
+        control narrows it when some settings need none (then it also runs under `ac.attach`)."""
+        return tuple(h for h in LOOP_HOOKS if self._overrides(h))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

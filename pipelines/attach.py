@@ -29,8 +29,6 @@ from attnctrl.state import BatchLayout, RunContext, StepState
 
 from .facts import pixel_size, set_run_facts
 
-LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
-
 
 class AttachSession:
     """What `attach` yields: the run context and, after the pipeline call, the controls' results."""
@@ -69,7 +67,7 @@ def attach(pipe, controls: Sequence[Control] | Control) -> Iterator[AttachSessio
     family = family_of(pipe)
     controls = check_controls(controls)
     for c in controls:
-        loop = [h for h in LOOP_HOOKS if c.implements(h)]
+        loop = list(c.loop_hooks())
         if loop:
             raise ValueError(
                 f"{type(c).__name__} needs the attnctrl denoising loop ({', '.join(loop)}); use ac.ControlledPipeline"

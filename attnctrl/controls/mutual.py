@@ -69,7 +69,6 @@ from .mutual_source import invert, start_latents
 from .synps import SynPS
 
 __all__ = ["MASACTRL_START_LAYER", "MASK_FACTOR", "MutualSelfAttention", "auto_masks"]
-_LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 
 
 class MutualSelfAttention(Control):
@@ -192,12 +191,6 @@ class MutualSelfAttention(Control):
         source image; none with ``same_noise=False`` and a generated source (then it also runs under
         `ac.attach` and in inference mode)."""
         return ("before_step",) if self.same_noise or self.source_image is not None else ()
-
-    def implements(self, hook: str) -> bool:
-        """As `Control.implements`; a loop hook only if `loop_hooks` names it."""
-        if hook in _LOOP_HOOKS:
-            return hook in self.loop_hooks()
-        return super().implements(hook)
 
     # ---- run lifetime --------------------------------------------------------------------------
     def begin(self, run) -> None:
