@@ -286,12 +286,14 @@ def test_layer_picker_lists_what_a_selector_matches(page):
     page.locator("#layer-picker .label-wrap").first.click()
     box = page.locator("#selector textarea")
     box.fill("cross,res=16")
+    box.blur()  # the textbox sends its value on change; a click right after fill can race it on a busy machine
     page.locator("#show-layers").click()
     from playwright.sync_api import expect
 
     expect(page.locator("#layers-status")).to_contain_text("match 'cross,res=16'")
     assert "attn2" in page.locator("#layers-table").inner_text()
     box.fill("no-such-term")
+    box.blur()
     page.locator("#show-layers").click()
     expect(page.locator("#layers-status")).to_contain_text("Error")
 
