@@ -34,6 +34,7 @@ from attnctrl.controls.registry import (
     parse_kwargs,
 )
 from attnctrl.models.loading import model_key
+from attnctrl.params import declared
 
 __all__ = [
     "ModelCache",
@@ -303,14 +304,13 @@ def build_controls(req: Request, pipe=None) -> list:
     """Fresh control instances for a request (the user's, then maps if the user has none).
 
     Word fields are checked against the prompt when `pipe` is given."""
-    from attnctrl.app.schema import WORD_PARAM
-
     controls = []
     for name, items in req.controls:
         if pipe is not None:
             kwargs = parse_kwargs(CONTROLS[name], items, name=name)
+            takes_words = {k for k, d in declared(CONTROLS[name]).items() if d.words is not None}
             for key, value in kwargs.items():
-                if WORD_PARAM.search(key.lower()) and value is not None:
+                if key in takes_words and value is not None:
                     check_words(pipe, req.prompt, key, name, value)
         controls.append(parse_control(name, items))
     if not req.user_maps:

@@ -4,7 +4,7 @@ Every registered control (`attnctrl.controls.registry.CONTROLS`) becomes one pan
 constructor parameter (`control_params`) becomes one `Field`, whose widget follows its type:
 
 =========================  ===================================================================
-``int`` / ``float``        a number box (a slider when the doc line states a range ``in [a, b]``)
+``int`` / ``float``        a number box (a slider when its declared `Range` is bounded)
 ``bool``                   a checkbox
 ``one of a|b`` (Literal)   a dropdown
 anything else              a text box in the command line's syntax (``key=value`` values:
@@ -12,25 +12,22 @@ anything else              a text box in the command line's syntax (``key=value`
                            converted by `parse_kwargs` exactly as ``--control NAME key=value``
 =========================  ===================================================================
 
-A field whose name says it takes prompt words (``tokens``, ``words``, ``subject``, ...) is fed
-by the word chips of the prompt. A field's value becomes a ``key=value`` string only when it differs
+A field declared as taking prompt words (`attnctrl.params.Words`) is fed by the word chips of
+the prompt. A field's value becomes a ``key=value`` string only when it differs
 from the default, so the same strings give the command line (``--control NAME key=value``) and the
 control instance (`parse_control`), and the app, the CLI and Python run the same thing.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from attnctrl.controls.registry import CONTROLS, ControlArgError, control_params
+from attnctrl.params import Range
 
-__all__ = ["WORD_PARAM", "Field", "Panel", "format_value", "panels"]
+__all__ = ["Field", "Panel", "format_value", "panels"]
 
-#: parameter names that take words of the prompt
-WORD_PARAM = re.compile(r"(^|_)(tokens?|words?|subjects?|objects?|phrases?|nouns?|concepts?|groups?|entit(y|ies))($|_)")
-_RANGE = re.compile(r"\bin \[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]")
 _SCALAR_KINDS = {"int": "int", "float": "float", "bool": "bool"}
 
 
@@ -60,6 +57,8 @@ class Field:
     nullable: bool
     choices: tuple | None
     doc: str
+    bounds: Range | None = None  # the declared range of a number
+    word_joiner: str | None = None  # set when it takes prompt words: how several are joined
 
     @property
     def kind(self) -> str:
@@ -75,15 +74,13 @@ class Field:
     @property
     def words(self) -> bool:
         """Takes words of the prompt (fed by the word chips)."""
-        return self.kind == "text" and not self.selector and bool(WORD_PARAM.search(self.name.lower()))
+        return self.kind == "text" and not self.selector and self.word_joiner is not None
 
     @property
     def joiner(self) -> str:
-        """How selected words are written into this field: groups one per word (``;``), a single
-        string as a phrase (space), lists comma-separated."""
-        if "group" in self.name.lower() or "list[list" in self.type:
-            return ";"
-        return " " if self.type == "str" else ", "
+        """How selected words are written into this field: as declared (groups one per word with
+        ``;``, a phrase with spaces), lists comma-separated."""
+        return ", " if self.word_joiner in (None, ",") else self.word_joiner
 
     def fill(self, selected) -> str:
         """The field's text for the selected word chips."""
@@ -91,13 +88,13 @@ class Field:
 
     @property
     def range(self) -> tuple[float, float] | None:
-        """(low, high) when the doc line states ``in [low, high]`` for a number."""
-        if self.kind not in ("int", "float"):
+        """(low, high) of a slider when the number's declared range is bounded (an open end
+        moves in by one slider step)."""
+        r = self.bounds
+        if self.kind not in ("int", "float") or r is None or r.lo is None or r.hi is None:
             return None
-        m = _RANGE.search(self.doc)
-        if not m:
-            return None
-        lo, hi = float(m.group(1)), float(m.group(2))
+        step = 1 if self.kind == "int" else 0.01
+        lo, hi = r.lo + (step if r.lo_open else 0), r.hi - (step if r.hi_open else 0)
         return (lo, hi) if lo < hi else None
 
     @property
@@ -123,6 +120,8 @@ class Field:
                 else ("empty = default" if self.default is not None else "empty = none (default)")
             )
             text = f"{text} [{hint}; {empty}]".strip()
+        elif self.kind in ("int", "float") and self.bounds is not None:
+            text = f"{text} [{self.bounds.describe()}]".strip()
         return text
 
     def initial(self) -> Any:
@@ -203,7 +202,18 @@ class Panel:
 
 def _field(name: str, p: dict) -> Field:
     choices = tuple(p["choices"]) if p.get("choices") else None
-    return Field(name, p["name"], p["type"], p["default"], p["required"], p["nullable"], choices, p.get("doc") or "")
+    return Field(
+        name,
+        p["name"],
+        p["type"],
+        p["default"],
+        p["required"],
+        p["nullable"],
+        choices,
+        p.get("doc") or "",
+        p.get("range"),
+        p.get("words"),
+    )
 
 
 def panels(controls: dict | None = None) -> list[Panel]:

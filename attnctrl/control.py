@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .params import validating
 from .selectors import SelectorLike
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +141,9 @@ class Control:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:  # every argument is checked against its declaration (`attnctrl.params`)
+            cls.__init__ = validating(init)  # type: ignore[method-assign]
         declared = cls.__dict__.get("effects")
         if isinstance(declared, frozenset):  # a typo fails at import; a property is checked at planning
             _check_effects(cls.__name__, declared)
@@ -215,4 +219,20 @@ class Control:
         return None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layers={self.layers!r}, steps={self.steps!r})"
+        """The class and the arguments it was built with (`attnctrl.params`), e.g. ``PAG(scale=2.0)``."""
+        given = self.__dict__.get("_given", {})
+        return f"{type(self).__name__}({', '.join(f'{k}={_short(v)}' for k, v in given.items())})"
+
+
+def _short(value: Any) -> str:
+    """repr, with tensors and images as their shape."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)):
+        return f"<{type(value).__name__} {'×'.join(map(str, shape))}>"
+    size = getattr(value, "size", None)
+    if isinstance(size, tuple) and hasattr(value, "mode"):  # a PIL image
+        return f"<image {size[0]}×{size[1]}>"
+    return repr(value)
+
+
+Control.__init__ = validating(Control.__init__)  # type: ignore[method-assign]

@@ -14,8 +14,10 @@ All functions are differentiable and work on plain tensors, so each is tested on
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from itertools import combinations
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,8 @@ def excite_loss(subject_maps: torch.Tensor) -> torch.Tensor:
     return (1.0 - peaks).clamp(min=0).max(dim=0).values
 
 
-REDUCTIONS = ("sum", "mean")
+Reduction = Literal["sum", "mean"]
+REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -127,7 +130,8 @@ def binarize(subject_maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
     return (flat >= threshold * peak).to(subject_maps.dtype).view_as(subject_maps)
 
 
-RETENTION_FORMS = ("paper", "soft-iou")
+RetentionForm = Literal["paper", "soft-iou"]
+RETENTION_FORMS: tuple[str, ...] = typing.get_args(RetentionForm)
 
 
 def retention_loss(

@@ -81,12 +81,12 @@ def test_widget_values_become_cli_items_that_parse_to_the_same_arguments():
 
 
 def test_word_fields_are_recognised_and_filled_by_the_chips():
-    f = schema.Field("x", "tokens", "list[str]", None, False, True, None, "")
-    g = schema.Field("x", "groups", "str | list[list[str]]", None, False, True, None, "")
-    s = schema.Field("x", "subject", "str", None, False, True, None, "")
+    f = schema.Field("x", "tokens", "list[str]", None, False, True, None, "", word_joiner=",")
+    g = schema.Field("x", "groups", "str | list[list[str]]", None, False, True, None, "", word_joiner=";")
+    s = schema.Field("x", "subject", "str", None, False, True, None, "", word_joiner=" ")
     assert f.words and g.words and s.words
-    assert not schema.Field("x", "layers", "selector", None, False, True, None, "").words
-    assert not schema.Field("x", "scale", "float", 1.0, False, False, None, "").words
+    assert not schema.Field("x", "tokens", "list[str]", None, False, True, None, "").words  # undeclared
+    assert not schema.Field("x", "layers", "selector", None, False, True, None, "", word_joiner=",").words
     chosen = ["red", "car", "sheep"]
     assert (f.fill(chosen), g.fill(chosen), s.fill(chosen)) == ("red, car, sheep", "red;car;sheep", "red car sheep")
     assert runner.word_choices("A dog and a dog, a Dog") == ["A", "dog", "and", "a#2", "dog#2", "a#3", "Dog#3"]

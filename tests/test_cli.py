@@ -419,6 +419,8 @@ def test_control_params_schema():
         "required": False,
         "nullable": False,
         "choices": None,
+        "range": None,
+        "words": None,
         "doc": "how strong; a float spanning two lines.",
     }
     assert schema["layers"]["type"] == "selector" and schema["res"]["type"] == "list[int]"

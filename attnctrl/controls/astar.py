@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from attnctrl.control import Control
-from attnctrl.losses import REDUCTIONS, RETENTION_FORMS, binarize, retention_loss, segregation_loss
+from attnctrl.losses import Reduction, RetentionForm, binarize, retention_loss, segregation_loss
+from attnctrl.params import WORDS, Range
 from attnctrl.state import StepState
 
 from .attention_loss import AttentionLossControl, as_list, parse_thresholds
@@ -63,30 +64,22 @@ class AStar(AttentionLossControl):
 
     def __init__(
         self,
-        tokens: list[str] | None = None,
-        segregation: float = 1.0,
-        retention: float = 1.0,
-        threshold: float = 0.5,
-        reduction: Literal["sum", "mean"] = "sum",
-        retention_form: Literal["paper", "soft-iou"] = "paper",
+        tokens: Annotated[list[str] | None, WORDS] = None,
+        segregation: Annotated[float, Range(0)] = 1.0,
+        retention: Annotated[float, Range(0)] = 1.0,
+        threshold: Annotated[float, Range(0, 1, lo_open=True)] = 0.5,
+        reduction: Reduction = "sum",
+        retention_form: RetentionForm = "paper",
         retention_steps: tuple[float, float] | None = (0.0, 1.0),
         steps: tuple[float, float] | None = (0.0, 1.0),
         refinement=None,
-        max_refinement: int = 20,
+        max_refinement: Annotated[int, Range(0)] = 20,
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
-        resolution: int | None = None,
+        resolution: Annotated[int | None, Range(1)] = None,
         normalize_eot: bool | None = None,
         layers=None,
     ):
-        if segregation < 0 or retention < 0:
-            raise ValueError("segregation and retention weights must be >= 0")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if retention_form not in RETENTION_FORMS:
-            raise ValueError(f"retention_form must be one of {RETENTION_FORMS}, got {retention_form!r}")
         self.tokens = as_list(tokens, "tokens")
         self.segregation, self.retention, self.threshold = float(segregation), float(retention), float(threshold)
         self.reduction, self.retention_form = reduction, retention_form

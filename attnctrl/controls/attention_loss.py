@@ -21,13 +21,14 @@ What one run needs (the resolved subjects, the maps being summed, the previous s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from attnctrl.control import Control
 from attnctrl.losses import smooth, token_maps
 from attnctrl.optimizer import LatentOptimizer
+from attnctrl.params import Range
 from attnctrl.state import RunContext
 from attnctrl.tokens import resolve
 
@@ -95,24 +96,20 @@ class AttentionLossControl(Control):
     def __init__(
         self,
         *,
-        resolution: int | None = None,
+        resolution: Annotated[int | None, Range(1)] = None,
         steps: tuple[float, float] | None = (0.0, 0.5),
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
         refinement: Mapping[int, float | None] | None = None,
-        max_refinement: int = 20,
+        max_refinement: Annotated[int, Range(0)] = 20,
         softmax_scale: float | None = 100.0,
         smoothing: bool = True,
         kernel_size: int = 3,
-        sigma: float = 0.5,
+        sigma: Annotated[float, Range(0, lo_open=True)] = 0.5,
         normalize_eot: bool | None = None,
         layers=None,
     ):
         super().__init__(layers=layers, steps=steps)
-        if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
-            raise ValueError(f"resolution must be a positive integer token-grid height, got {resolution!r}")
-        if max_refinement < 0:
-            raise ValueError(f"max_refinement must be >= 0, got {max_refinement}")
         self.resolution = resolution
         self.optimizer = LatentOptimizer(
             scale_factor, (float(scale_range[0]), float(scale_range[1])), dict(refinement or {}), max_refinement

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from attnctrl.losses import nt_xent_loss
+from attnctrl.params import GROUPS, Range
 from attnctrl.tokens import parse_groups
 
 from .attention_loss import AttentionLossControl
@@ -79,29 +80,25 @@ class Conform(AttentionLossControl):
 
     def __init__(
         self,
-        groups: list[list[str]] | str | None = None,
-        temperature: float = 0.5,
+        groups: Annotated[list[list[str]] | str | None, GROUPS] = None,
+        temperature: Annotated[float, Range(0, lo_open=True)] = 0.5,
         previous: bool = True,
         softmax_normalize: bool = False,
         softmax_normalize_attention_maps: bool = False,
         smoothing: bool = True,
         kernel_size: int = 3,
-        sigma: float = 0.5,
+        sigma: Annotated[float, Range(0, lo_open=True)] = 0.5,
         refinement_steps: Sequence[int] = CONFORM_REFINEMENT,
-        max_refinement: int = 20,
+        max_refinement: Annotated[int, Range(0)] = 20,
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
-        resolution: int | None = None,
+        resolution: Annotated[int | None, Range(1)] = None,
         steps: tuple[float, float] | None = CONFORM_STEPS,
         normalize_eot: bool | None = None,
         layers=None,
     ):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if smoothing and (int(kernel_size) < 1 or int(kernel_size) % 2 == 0):
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
-        if smoothing and sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
         self.groups = _groups(groups)
         self.temperature, self.previous = float(temperature), bool(previous)
         self.softmax_normalize = bool(softmax_normalize)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from attnctrl.losses import excite_loss
+from attnctrl.params import WORDS, Range
 
 from .attention_loss import AttentionLossControl, as_list, parse_thresholds
 
@@ -41,12 +44,12 @@ class AttendExcite(AttentionLossControl):
 
     def __init__(
         self,
-        tokens: list[str] | None = None,
+        tokens: Annotated[list[str] | None, WORDS] = None,
         thresholds=None,
-        max_refinement: int = 20,
+        max_refinement: Annotated[int, Range(0)] = 20,
         scale_factor: float = 20.0,
         scale_range: tuple[float, float] = (1.0, 0.5),
-        resolution: int | None = None,
+        resolution: Annotated[int | None, Range(1)] = None,
         steps: tuple[float, float] | None = (0, 25),
         smoothing: bool = True,
         normalize_eot: bool | None = None,

@@ -50,11 +50,12 @@ no detector weights). Until those regions exist (steps < `mask_step`) the parts 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from ..control import Control
+from ..params import WORDS, Range
 from ..regions import parse_boxes
 from ..selectors import SelectorLike, as_selectors
 from .isolation_attention import dropout_keep, joint_kv, move_rope, mutual_out, own_rows, target_bias
@@ -105,7 +106,7 @@ class IsolationReposition(Control):
 
     def __init__(
         self,
-        subjects: list[str],
+        subjects: Annotated[list[str], WORDS],
         references: list[int] | None = None,
         boxes: str | None = None,
         masks: torch.Tensor | None = None,
@@ -113,12 +114,12 @@ class IsolationReposition(Control):
         reference_masks: torch.Tensor | None = None,
         isolation: bool = True,
         reposition: bool = True,
-        start_layer: int | None = None,
-        mutual_cross: float = 0.9,
-        dropout: float = 0.5,
-        seed: int = 0,
-        threshold: float = 0.5,
-        mask_step: int = 4,
+        start_layer: Annotated[int | None, Range(0)] = None,
+        mutual_cross: Annotated[float, Range(0, 1)] = 0.9,
+        dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.5,
+        seed: Annotated[int, Range(0)] = 0,
+        threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.5,
+        mask_step: Annotated[int, Range(0)] = 4,
         layers: SelectorLike | None = None,
         steps=None,
     ):
@@ -144,19 +145,6 @@ class IsolationReposition(Control):
                 raise ValueError(f"give either {what.replace(' and ', ' or ')}, not both")
         if references is None and (reference_boxes is not None or reference_masks is not None):
             raise ValueError("reference_boxes/reference_masks need references=")
-        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-        for name, v in (("mask_step", mask_step), ("seed", seed)) + (
-            (("start_layer", start_layer),) if start_layer is not None else ()
-        ):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if not (
-            isinstance(mutual_cross, (int, float)) and not isinstance(mutual_cross, bool) and 0.0 <= mutual_cross <= 1.0
-        ):
-            raise ValueError(f"mutual_cross (λ) must be in [0, 1], got {mutual_cross!r}")
-        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.subjects, self.references = subjects, references
         self.boxes = None if boxes is None else parse_boxes(boxes, "boxes")
         self.reference_boxes = None if reference_boxes is None else parse_boxes(reference_boxes, "reference_boxes")
@@ -289,10 +277,3 @@ class IsolationReposition(Control):
         if ex is None or ex["mode"] != "own":
             return o
         return own_rows(call, ex, o)
-
-    def __repr__(self) -> str:
-        return (
-            f"IsolationReposition(subjects={self.subjects!r}, references={self.references!r}, isolation={self.isolation}, "
-            f"reposition={self.reposition}, start_layer={self.start_layer!r}, mutual_cross={self.mutual_cross}, "
-            f"dropout={self.dropout}, layers={[s.text for s in self._apply]!r}, steps={self.steps!r})"
-        )

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
 from ..control import Control
+from ..params import GROUPS, Range
 from ..selectors import SelectorLike
 from ..tokens import GroupsLike, TokenError, parse_groups
 
@@ -187,33 +189,23 @@ class AttentionModulation(Control):
 
     def __init__(
         self,
-        groups: GroupsLike | None = None,
-        temperature: float = 1.0,
+        groups: Annotated[GroupsLike | None, GROUPS] = None,
+        temperature: Annotated[float, Range(0, lo_open=True)] = 1.0,
         temperature_steps: tuple[float, float] = (0, 0.2),
         mask: bool = True,
         mask_steps: tuple[float, float] = (0, 1.0),
         entity_weight: tuple[float, float] = (1.0, 1.0),
         attribute_weight: tuple[float, float] = (1.0, 1.0),
-        phase_split: float = 0.5,
+        phase_split: Annotated[float, Range(0)] = 0.5,
         layers: SelectorLike | None = None,
     ):
         self.groups = _groups(groups)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (temperature > 0 and math.isfinite(temperature))
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.temperature_steps = _steps(temperature_steps, "temperature_steps")
         self.mask = bool(mask)
         self.mask_steps = _steps(mask_steps, "mask_steps")
         self.entity_weight = _pair(entity_weight, "entity_weight")
         self.attribute_weight = _pair(attribute_weight, "attribute_weight")
-        if isinstance(phase_split, bool) or not isinstance(phase_split, (int, float)) or phase_split < 0:
-            raise ValueError(
-                f"phase_split must be a number >= 0 (fraction in [0, 1] or step index), got {phase_split!r}"
-            )
         self.phase_split = phase_split
         weighted = self.entity_weight != (1.0, 1.0) or self.attribute_weight != (1.0, 1.0)
         if weighted and not self.groups:

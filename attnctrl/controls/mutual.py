@@ -45,11 +45,12 @@ trajectory, at the latents of the run's i-th timestep (``pin_source``, MasaCtrl'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from ..control import Control
+from ..params import WORDS, Range
 from ..regions import check_masks
 from ..selectors import SelectorLike, as_selectors
 from .mutual_layers import MASACTRL_START_LAYER, narrow, shares_here, sharing_layers
@@ -104,28 +105,25 @@ class MutualSelfAttention(Control):
 
     def __init__(
         self,
-        source: int = 0,
-        start_step: int | None = None,
-        start_layer: int | None = None,
+        source: Annotated[int, Range(0)] = 0,
+        start_step: Annotated[int | None, Range(0)] = None,
+        start_layer: Annotated[int | None, Range(0)] = None,
         layers: SelectorLike | None = None,
         steps=None,
         source_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         source_image: str | None = None,
         source_prompt: str | None = None,
-        inversion_guidance: float = 1.0,
+        inversion_guidance: Annotated[float, Range(1)] = 1.0,
         pin_source: bool = True,
         pe_modulation: bool = True,
         pe_min: float = 0.9,
         pe_max: float = 1.0,
         same_noise: bool = True,
-        mask_tokens: str | list[str] | None = None,
-        target_mask_tokens: str | list[str] | None = None,
-        mask_threshold: float = 0.1,
+        mask_tokens: Annotated[str | list[str] | None, WORDS] = None,
+        target_mask_tokens: Annotated[str | list[str] | None, WORDS] = None,
+        mask_threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.1,
     ):
-        for name, v in (("source", source), ("start_step", start_step), ("start_layer", start_layer)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if layers is not None and start_layer is not None:
             raise ValueError("give either layers= or start_layer=, not both")
         if steps is not None and start_step is not None:
@@ -136,20 +134,12 @@ class MutualSelfAttention(Control):
             raise ValueError(f"pe_min must be < pe_max, got {pe_min!r}, {pe_max!r}")
         if source_prompt is not None and source_image is None:
             raise ValueError("source_prompt is the inversion prompt: it needs source_image=")
-        if not isinstance(same_noise, bool):
-            raise ValueError(f"same_noise must be True or False, got {same_noise!r}")
         mask_tokens = token_list(mask_tokens, "mask_tokens")
         target_mask_tokens = token_list(target_mask_tokens, "target_mask_tokens")
         if target_mask_tokens is not None and mask_tokens is None:
             raise ValueError("target_mask_tokens needs mask_tokens= (the source's words)")
         if mask_tokens is not None and source_mask is not None:
             raise ValueError("give either source_mask/target_mask or mask_tokens (masks from attention), not both")
-        if not (
-            isinstance(mask_threshold, (int, float))
-            and not isinstance(mask_threshold, bool)
-            and 0.0 < mask_threshold < 1.0
-        ):
-            raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold!r}")
         sel = None
         if mask_tokens is not None:  # also plan the cross-attention layers the masks are read from
             sel = [x.text for x in as_selectors(self.default_layers if layers is None else layers)] + ["cross"]
@@ -299,9 +289,3 @@ class MutualSelfAttention(Control):
         if st["modulate"] and call.q_text is not None and call.run.layout.has("cond"):
             self.synps.measure(call, st, o, rows["src"], rows["target"])
         return o
-
-    def __repr__(self) -> str:
-        return (
-            f"MutualSelfAttention(source={self.source}, start_step={self.start_step}, start_layer={self.start_layer}, "
-            f"layers={self._user_layers!r}, steps={self.steps!r}, same_noise={self.same_noise}, mask_tokens={self.mask_tokens!r})"
-        )

@@ -17,18 +17,21 @@ before (an additive mask on that branch); text queries are unchanged.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..control import Control
+from ..params import Range
 from ..selectors import Selector, SelectorLike
 
 HeadSpec = Union[str, Path, SelectorLike, Sequence[tuple], dict]
-KINDS = ("identity", "uniform")
+Kind = Literal["identity", "uniform"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 
 
 def head_selectors(heads: HeadSpec) -> list[str]:
@@ -84,20 +87,12 @@ class HeadPerturbation(Control):
     def __init__(
         self,
         heads: HeadSpec,
-        scale: float = 3.0,
-        softness: float = 1.0,
-        kind: str = "identity",
-        adaptive_scale: float = 0.0,
+        scale: Annotated[float, Range(0)] = 3.0,
+        softness: Annotated[float, Range(0, 1)] = 1.0,
+        kind: Kind = "identity",
+        adaptive_scale: Annotated[float, Range(0)] = 0.0,
         steps=None,
     ):
-        if not (isinstance(scale, (int, float)) and scale >= 0):
-            raise ValueError(f"scale must be a number >= 0, got {scale!r}")
-        if not (isinstance(softness, (int, float)) and 0.0 <= softness <= 1.0):
-            raise ValueError(f"softness must be in [0, 1], got {softness!r}")
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if not (isinstance(adaptive_scale, (int, float)) and adaptive_scale >= 0):
-            raise ValueError(f"adaptive_scale must be a number >= 0, got {adaptive_scale!r}")
         super().__init__(layers=head_selectors(heads), steps=steps)
         self.scale, self.softness, self.kind, self.adaptive_scale = (
             float(scale),
@@ -197,18 +192,15 @@ class PAG(HeadPerturbation):
     """
 
     name = "pag"
-    MATCHES = ("segments", "diffusers")
 
     def __init__(
         self,
         layers: SelectorLike = "mid",
-        scale: float = 3.0,
-        adaptive_scale: float = 0.0,
+        scale: Annotated[float, Range(0)] = 3.0,
+        adaptive_scale: Annotated[float, Range(0)] = 0.0,
         steps=None,
         match: Literal["segments", "diffusers"] = "segments",
     ):
-        if match not in self.MATCHES:
-            raise ValueError(f"match must be one of {self.MATCHES}, got {match!r}")
         items = [layers] if isinstance(layers, (str, Selector)) else list(layers)
         if match == "diffusers":
             if not all(isinstance(item, str) for item in items):

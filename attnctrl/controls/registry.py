@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from ..control import Control
+from ..params import Declared, declared
 from ..selectors import Selector
 from .astar import AStar
 from .conform import Conform
@@ -364,13 +365,17 @@ def control_params(cls: type[Control]) -> list[dict]:
     One dict per parameter, in signature order: ``name``, ``type`` (``"int"``, ``"float"``,
     ``"bool"``, ``"str"``, ``"selector"``, ``"auto"``, ``"list[int]"``, ``"tuple[float, float]"``,
     ``"one of a|b"``, ...), ``default`` (None when absent), ``required``, ``nullable``,
-    ``choices`` (for Literal parameters, else None) and ``doc`` (its line in the docstring).
+    ``choices`` (for Literal parameters, else None), ``range`` (its `attnctrl.params.Range`, or
+    None), ``words`` (how picked prompt words are joined into it when it takes words of the
+    prompt, else None) and ``doc`` (its line in the docstring).
     """
     docs = _doc_lines(cls)
+    decls = declared(cls)
     out = []
     for p, hints in _signature(cls):
         t = _param_type(p.name, p, hints)
         required = p.default is inspect.Parameter.empty
+        decl = decls.get(p.name) or Declared(p.name)
         out.append(
             {
                 "name": p.name,
@@ -379,6 +384,8 @@ def control_params(cls: type[Control]) -> list[dict]:
                 "required": required,
                 "nullable": t.nullable,
                 "choices": list(t.choices) if t.kind == "choice" else None,
+                "range": decl.range,
+                "words": decl.words.joiner if decl.words is not None else None,
                 "doc": docs.get(p.name, ""),
             }
         )

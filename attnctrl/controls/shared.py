@@ -44,8 +44,7 @@ the batch row ``reference``: put the reference image's prompt at that place in t
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from ..attention import sdpa_scale
 from ..control import Control
 from ..images import open_image
+from ..params import Range
 from ..rope import rotate
 from ..selectors import SelectorLike
 
@@ -116,38 +116,20 @@ class SharedAttention(Control):
 
     def __init__(
         self,
-        reference: int = 0,
+        reference: Annotated[int, Range(0)] = 0,
         adain_queries: bool = True,
         adain_keys: bool = True,
         adain_values: bool = False,
-        shared_scale: float | None = None,
+        shared_scale: Annotated[float | None, Range(0)] = None,
         score_shift: float = 0.0,
         shared_norms: bool = False,
         layers: SelectorLike | None = None,
         steps: tuple[float, float] | None = None,
         reference_image: Any = None,
         reference_prompt: str | None = None,
-        inversion_guidance: float = 2.0,
-        inversion_offset: int = 0,
+        inversion_guidance: Annotated[float, Range(1)] = 2.0,
+        inversion_offset: Annotated[int, Range(0)] = 0,
     ):
-        if not isinstance(reference, int) or isinstance(reference, bool) or reference < 0:
-            raise ValueError(f"reference must be an image index >= 0, got {reference!r}")
-        numbers = (
-            ("shared_scale", shared_scale),
-            ("score_shift", score_shift),
-            ("inversion_guidance", inversion_guidance),
-        )
-        for key, val in numbers:
-            if key == "shared_scale" and val is None:
-                continue
-            if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
-                raise ValueError(f"{key} must be a finite number, got {val!r}")
-        if shared_scale is not None and shared_scale < 0:
-            raise ValueError(f"shared_scale must be >= 0, got {shared_scale!r}")
-        if inversion_guidance < 1:
-            raise ValueError(f"inversion_guidance must be >= 1 (1: no guidance), got {inversion_guidance!r}")
-        if not isinstance(inversion_offset, int) or inversion_offset < 0:
-            raise ValueError(f"inversion_offset must be an integer >= 0, got {inversion_offset!r}")
         if reference_prompt is not None and (not isinstance(reference_prompt, str) or not reference_prompt.strip()):
             raise ValueError("reference_prompt must be a non-empty string")
         super().__init__(layers=layers, steps=steps)
@@ -433,13 +415,6 @@ class SharedAttention(Control):
         for m in denoiser.modules():
             if isinstance(m, torch.nn.GroupNorm):
                 store["hooks"].append(m.register_forward_hook(hook))
-
-    def __repr__(self) -> str:
-        img = "" if self.reference_image is None else ", reference_image=<image>"
-        return (
-            f"SharedAttention(reference={self.reference}, shared_scale={self.shared_scale}, "
-            f"score_shift={self.score_shift}, layers={self.layers!r}, steps={self.steps!r}{img})"
-        )
 
 
 __all__ = ["SharedAttention", "adain", "inverted_index"]

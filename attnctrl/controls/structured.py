@@ -34,13 +34,14 @@ text encoder), so encoder-level phrase embeddings cannot stand in for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import sdpa_scale
 from ..control import Control
+from ..params import WORDS, Range
 from ..phrases import Phrase, noun_phrases
 from ..selectors import SelectorLike
 from ..state import TextEncoders
@@ -76,9 +77,9 @@ class StructuredGuidance(Control):
 
     def __init__(
         self,
-        phrases: Sequence[str] | None = None,
+        phrases: Annotated[Sequence[str] | None, WORDS] = None,
         backend: Literal["auto", "spacy", "rules"] = "auto",
-        min_words: int = 2,
+        min_words: Annotated[int, Range(1)] = 2,
         conjunction: bool = False,
         layers: SelectorLike | None = None,
         steps=None,
@@ -94,10 +95,6 @@ class StructuredGuidance(Control):
             nested = [isinstance(p, list) for p in phrases]
             if any(nested) and not all(nested):
                 raise ValueError("phrases: give either one list of phrases, or one list per prompt, not a mix")
-        if backend not in ("auto", "spacy", "rules"):
-            raise ValueError(f"backend must be 'auto', 'spacy' or 'rules', got {backend!r}")
-        if not isinstance(min_words, int) or isinstance(min_words, bool) or min_words < 1:
-            raise ValueError(f"min_words must be a positive integer, got {min_words!r}")
         super().__init__(layers=layers, steps=steps)
         self.phrases = phrases
         self.backend = backend
