@@ -12,11 +12,14 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 
 from attnctrl.control import Control
 from attnctrl.controls import registry
+from attnctrl.params import WORDS as WORD_LIST
+from attnctrl.params import Range
 
 PROMPT = "a red car and a white sheep"
 WORDS = ["a", "red", "car", "and", "a#2", "white", "sheep"]
@@ -65,7 +68,13 @@ class WordsProbe(Control):
     name = "apptest-words"
     default_layers = "cross"
 
-    def __init__(self, tokens: list[str] | None = None, strength: float = 0.5, layers=None, steps=None):
+    def __init__(
+        self,
+        tokens: Annotated[list[str] | None, WORD_LIST] = None,
+        strength: Annotated[float, Range(0, 1)] = 0.5,
+        layers=None,
+        steps=None,
+    ):
         super().__init__(layers=layers, steps=steps)
         self.tokens, self.strength = tokens, strength
 
@@ -191,7 +200,7 @@ def test_every_registered_control_has_a_panel(page):
         assert f"{name} — {cls.__name__}" in panel.locator(".label-wrap").first.inner_text()
     open_panel(page, "apptest-words")  # a control registered at launch: its fields come from its schema
     assert page.locator("#field-apptest-words-tokens textarea").count() == 1
-    assert page.locator("#field-apptest-words-strength input[type=range]").count() == 1  # "in [0, 1]" → slider
+    assert page.locator("#field-apptest-words-strength input[type=range]").count() == 1  # Range(0, 1) → slider
     assert "words of the prompt it acts on" in page.locator("#field-apptest-words-tokens").inner_text()
 
 
