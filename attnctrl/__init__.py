@@ -16,6 +16,7 @@ from .controls import (
     HeadPerturbation,
     IsolationReposition,
     MutualSelfAttention,
+    Panorama,
     SharedAttention,
     StructuredGuidance,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "SharedAttention",
     "IsolationReposition",
     "MutualSelfAttention",
+    "Panorama",
     "ddim_invert",
     "invert_trajectory",
     "InversionResult",

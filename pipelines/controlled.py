@@ -19,6 +19,7 @@ from .adapters import ADAPTERS
 from .adapters.base import call_defaults
 from .facts import set_run_facts
 from .loop import denoise_loop
+from .panorama import panorama_loop, panorama_setup, split_panorama
 
 TEXT_TO_IMAGE = {
     "sd": "StableDiffusionPipeline",
@@ -169,7 +170,7 @@ class ControlledPipeline:
     def __call__(
         self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs
     ):
-        chosen = check_controls(controls)
+        chosen, pano = split_panorama(check_controls(controls), self.family)
         kw = self._arguments(prompt, seed, kwargs)
         output_type = kw.pop("output_type") or "pil"
         return_dict = kw.pop("return_dict")
@@ -188,7 +189,9 @@ class ControlledPipeline:
                 text_len=prep.text_len,
                 prompts=prep.prompts,
             )
-            run.plan = build_plan(chosen, layers, prep.grid)
+            if pano is not None:
+                panorama_setup(pano, run, prep, self.denoiser)  # the layers see views: run.grid is a view's
+            run.plan = build_plan(chosen, layers, run.grid)
             t5_length = kw.get("max_sequence_length") if self.family in ("sd3", "flux") else None
             set_run_facts(run, pipe, self.denoiser, self.adapter, t5_length, prep.timesteps)
             planned = [layer for layer in layers if layer.name in run.plan]
@@ -198,7 +201,10 @@ class ControlledPipeline:
                     c.begin(run)
                     started.append(c)
                 with installed(self.denoiser, run, planned):
-                    latents = denoise_loop(pipe, self.adapter, prep, run, chosen, callback, callback_inputs)
+                    if pano is None:
+                        latents = denoise_loop(pipe, self.adapter, prep, run, chosen, callback, callback_inputs)
+                    else:
+                        latents = panorama_loop(pano, pipe, self.adapter, prep, run, chosen, callback, callback_inputs)
                 images, nsfw = self.adapter.decode(pipe, prep, latents, output_type)
                 results = {c.result_key: c.result(run) for c in chosen if c.result_key}
             finally:

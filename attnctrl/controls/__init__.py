@@ -7,6 +7,7 @@ from .isolation import IsolationReposition
 from .maps import AttentionMaps
 from .modulation import AttentionModulation
 from .mutual import MutualSelfAttention
+from .panorama import Panorama
 from .perturbation import PAG, HeadPerturbation
 from .shared import SharedAttention
 from .structured import StructuredGuidance
@@ -20,6 +21,7 @@ __all__ = [
     "HeadPerturbation",
     "IsolationReposition",
     "MutualSelfAttention",
+    "Panorama",
     "PAG",
     "SharedAttention",
     "StructuredGuidance",

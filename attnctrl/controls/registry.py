@@ -46,6 +46,7 @@ from .isolation import IsolationReposition
 from .maps import AttentionMaps
 from .modulation import AttentionModulation
 from .mutual import MutualSelfAttention
+from .panorama import Panorama
 from .perturbation import PAG, HeadPerturbation
 from .shared import SharedAttention
 from .structured import StructuredGuidance
@@ -64,6 +65,7 @@ _BUILT_IN: tuple[type[Control], ...] = (
     StructuredGuidance,
     IsolationReposition,
     MutualSelfAttention,
+    Panorama,
 )
 #: Controls by their `Control.name` (the CLI and app name). Add a control here (or `register` it).
 CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in _BUILT_IN}
