@@ -1,6 +1,10 @@
 """`AttentionCall`, the normalised view of one attention call, and `attend`, which runs a chain of
 controls over it.
 
+Observers (`Control.reads` / `observe`) get the block of probabilities they declare, computed in
+bounded memory (`attention_block.block_probs`) beside the layer's fused SDPA, whose output they
+leave untouched; only controls that edit probabilities (`probs`) make the layer explicit.
+
 Every processor (UNet, SD3 joint, FLUX) turns its diffusers call into an `AttentionCall` with
 q, k, v of shape (batch, heads, tokens, head_dim) and the slices telling which query/key tokens
 are image and which are text, then calls `attend`. `attend` uses SDPA unless a control on the
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .attention_block import ProbsBlock, block_probs
 from .layers import LayerInfo
 from .state import RunContext
 
@@ -104,11 +109,25 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
             b = control.bias(call)
             if b is not None:
                 bias = b if bias is None else bias + b
-    readers = []
+    readers: list = []
+    observed: list[tuple[ProbsBlock, list]] = []  # one computation per distinct block, shared
     for control, heads in chain:
         call.heads = heads
+        if control.implements("observe"):
+            block = control.reads(call)
+            if block is not None:
+                same = next((obs for b, obs in observed if b == block), None)
+                if same is None:
+                    observed.append((block, [(control, heads)]))
+                else:
+                    same.append((control, heads))
         if control.needs_probs(call):
             readers.append((control, heads))
+    for block, observers in observed:
+        p_block = block_probs(call.q, call.k, call.scale, bias, block)
+        for control, heads in observers:
+            call.heads = heads
+            control.observe(call, p_block)
     if readers:
         p = attention_probs(call.q, call.k, call.scale, bias)
         for control, heads in readers:

@@ -7,7 +7,10 @@ control actually defines, and a layer without an active control runs the stock p
 Attention level (called by the processors, for the layers the control selected):
     qkv(call)          edit ``call.q / call.k / call.v`` in place (e.g. AdaIN, shared K/V).
     bias(call)         return an additive logits mask (broadcastable to B×H×Lq×Lk) or None.
-    probs(call, p)     read/edit explicit probabilities; only called when `needs_probs(call)`.
+    reads(call)        the block of probabilities an observer reads (`attention_block.ProbsBlock`) or None;
+    observe(call, p)   read that block (float32), computed in bounded memory while the layer
+                       output stays the fused kernel's (maps, masks from attention).
+    probs(call, p)     read/edit the full explicit probabilities; only when `needs_probs(call)`.
     out(call, o)       edit the per-head output (B×H×Lq×D), e.g. perturbation (1−u)·o + u·v.
     replaced_rows(call) rows whose output `out` will replace whole (they are not computed).
 Loop level (called by `ControlledPipeline`; the run comes first, ``run.state`` is the step):
@@ -40,9 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .attention import AttentionCall
+    from .attention_block import ProbsBlock
     from .state import RunContext, StepState
 
-HOOKS = ("qkv", "bias", "probs", "out")
+HOOKS = ("qkv", "bias", "observe", "probs", "out")
 #: hooks only the denoising loop calls (`ac.attach` refuses controls that need them)
 LOOP_HOOKS = ("branches", "combine", "before_step", "after_step")
 _IMPLEMENTS: dict[tuple[type, str], bool] = {}
@@ -65,6 +69,7 @@ _QKV_EFFECTS = frozenset({"edits_qkv", "replaces_kv", "extends_kv", "edits_value
 HOOK_EFFECTS: dict[str, tuple[str, frozenset[str]]] = {
     "qkv": ("edits_qkv", _QKV_EFFECTS),
     "bias": ("bias", frozenset({"bias"})),
+    "observe": ("reads_probs", frozenset({"reads_probs", "edits_probs"})),
     "probs": ("edits_probs", frozenset({"reads_probs", "edits_probs"})),  # "reads_probs" if `observes_only`
     "out": ("edits_out", frozenset({"edits_out"})),
     "replaced_rows": ("edits_out", frozenset({"edits_out"})),
@@ -175,6 +180,15 @@ class Control:
 
     # ---- attention-level hooks ------------------------------------------------------------------
     def qkv(self, call: AttentionCall) -> None:
+        return None
+
+    def reads(self, call: AttentionCall) -> ProbsBlock | None:
+        """The block of this layer's probabilities `observe` reads on this call (None: nothing)."""
+        return None
+
+    def observe(self, call: AttentionCall, block: torch.Tensor) -> None:
+        """Read the block `reads` declared: float32, (rows, queries, keys) averaged over its heads
+        (or (rows, heads, queries, keys)), normalised over all the layer's keys."""
         return None
 
     def bias(self, call: AttentionCall) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import attnctrl as ac
 from attnctrl.attention import AttentionCall, active_chain, attend
+from attnctrl.attention_block import ProbsBlock
 from attnctrl.control import Control
 from attnctrl.controls.isolation import SDXL_START_LAYER, default_start_layer, dropout_keep
 from attnctrl.controls.registry import ControlArgError, parse_control
@@ -644,7 +645,10 @@ def test_the_map_reader_gives_the_thresholded_regions(tiny):
     for img, token, m in ((2, 2, cat), (2, 5, dog), (0, 2, ref_cat)):
         p[3 + img, 0, :, token], p[3 + img, 1, :, token] = m + spread, m - spread  # conditional rows 3..5
     p[:3] = 9.0  # the unconditional branch is never read
-    ir.probs(call, p)
+    with torch.no_grad():  # as in a run (latent-optimisation passes, with gradients, are not read)
+        block = ir.reads(call)
+    assert block == ProbsBlock(slice(3, 6), call.q_image, call.k_text)  # the conditional rows' image→text block
+    ir.observe(call, p[block.rows][:, :, block.queries, block.keys].mean(dim=1))  # as `attend` gives it
     run_.state = StepState(1, 999.0, 3)
     got = ir.regions(run_)
     want_cat = (cat.view(4, 4) / 4 > 0.5) & (cat.view(4, 4) >= dog.view(4, 4))

@@ -9,6 +9,7 @@ from PIL import Image
 
 import attnctrl as ac
 from attnctrl.attention import AttentionCall, attend
+from attnctrl.attention_block import ProbsBlock
 from attnctrl.control import Control
 from attnctrl.controls.mutual import MutualSelfAttention, auto_masks
 from attnctrl.controls.registry import parse_control
@@ -457,6 +458,13 @@ def _probs(source_heads, target_heads, cat=2, dog=3):
     return p
 
 
+def _observe(c, call, p):
+    """Give `c` its declared block of `p` as `attend` does: the block's rows, queries and keys, head-averaged."""
+    block = c.reads(call)
+    assert block == ProbsBlock(slice(2, 4), call.q_image, call.k_text)  # the conditional rows' image→text maps
+    c.observe(call, p[block.rows][:, :, block.queries, block.keys].mean(dim=1))
+
+
 @torch.no_grad()  # as in the loop (latent-optimisation passes, with grad, are not read)
 def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(tiny):
     pipe = ControlledPipeline(tiny("tiny-sd"))
@@ -476,8 +484,7 @@ def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(t
         ([[0, 20, 0, 0], [0, 0, 0, 4]], [[20, 0, 0, 0], [0, 0, 0, 0]]),
         ([[0, 0, 20, 0], [0, 0, 20, 0]], [[0, 20, 3.6, 0], [20, 0, 0, 0]]),
     ):
-        assert c.needs_probs(_maps_call(run, None))
-        c.probs(_maps_call(run, None), _probs(src, tgt))
+        _observe(c, _maps_call(run, None), _probs(src, tgt))
     q, k, v = _qkv(16)  # an up-block self-attention layer at 4x4: the 2x2 masks resized (nearest)
     o = attend(_self_call(run, q, k, v, (4, 4)), [(c, None)])
     src_fg = [2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # 2x2 [[0, 1], [1, 1]] at 4x4
@@ -491,7 +498,7 @@ def test_auto_masks_come_from_this_steps_conditional_maps_of_the_chosen_tokens(t
     run.state = StepState(1, 500.0, 4)
     o = attend(_self_call(run, q, k, v, (4, 4)), [(c, None)])
     assert torch.allclose(o[3, 0], v[2, 0].mean(0).expand(16, 3), atol=1e-6)
-    c.probs(_maps_call(run, None), _probs([[0, 0, 0, 9], [0, 0, 0, 9]], [[0, 0, 0, 9], [0, 0, 0, 9]]))
+    _observe(c, _maps_call(run, None), _probs([[0, 0, 0, 9], [0, 0, 0, 9]], [[0, 0, 0, 9], [0, 0, 0, 9]]))
     o = attend(_self_call(run, q, k, v, (4, 4)), [(c, None)])
     corner = [10, 11, 14, 15]  # cell 3 only
     fg, bg = _mean_rows(v[2, 0], corner), _mean_rows(v[2, 0], [j for j in range(16) if j not in corner])

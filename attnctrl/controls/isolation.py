@@ -54,6 +54,7 @@ from typing import Annotated, Any
 
 import torch
 
+from ..attention_block import ProbsBlock
 from ..control import Control
 from ..params import WORDS, Range
 from ..regions import parse_boxes
@@ -102,7 +103,6 @@ class IsolationReposition(Control):
     # −∞ isolation bias; with references, the references' subject keys/values are appended
     effects = property(lambda self: frozenset({"bias"} | ({"extends_kv"} if self.references is not None else set())))
     default_layers = "self"
-    observes_only = True  # `probs` only reads the subject maps
 
     def __init__(
         self,
@@ -231,13 +231,15 @@ class IsolationReposition(Control):
         run.store.pop(self, None)
 
     # ---- the map reader (regions from attention) -----------------------------------------------
-    def needs_probs(self, call) -> bool:
+    def reads(self, call) -> ProbsBlock | None:
         if not self._reads or call.k_text is None or call.run.state is None or call.run.state.index >= self.mask_step:
-            return False
-        return call.run.layout.has("cond") and not torch.is_grad_enabled()
+            return None
+        if not call.run.layout.has("cond") or torch.is_grad_enabled():
+            return None
+        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text)
 
-    def probs(self, call, p: torch.Tensor) -> torch.Tensor:
-        return add_maps(self, call, p)
+    def observe(self, call, block: torch.Tensor) -> None:
+        add_maps(self, call, block)
 
     def regions(self, run) -> torch.Tensor | None:
         """The regions derived from attention, (images, subjects, H, W) 0/1 at the run's token grid, once

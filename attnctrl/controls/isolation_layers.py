@@ -12,7 +12,7 @@ from ..layers import forward_order, list_layers
 #: transformer blocks of ``up_blocks.0``
 SDXL_START_LAYER = 36
 #: hooks of another control on the same layer that make this one share the layer's single SDPA call
-_SHARING_HOOKS = ("bias", "out", "replaced_rows", "probs")
+_SHARING_HOOKS = ("bias", "out", "replaced_rows", "observe", "probs")
 
 
 def default_start_layer(order: list) -> int:

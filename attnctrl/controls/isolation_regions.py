@@ -59,11 +59,10 @@ def resolve_tokens(ctrl, run, targets) -> dict:
     return out
 
 
-def add_maps(ctrl, call, p: torch.Tensor) -> torch.Tensor:
-    """The map reader: add this layer's conditional image→text maps of the subjects' words to the sums."""
+def add_maps(ctrl, call, block: torch.Tensor) -> None:
+    """The map reader: add this layer's conditional image→text maps of the subjects' words to the
+    sums; `block` is the conditional rows' image→text probabilities, (images, L, T), head-averaged."""
     st = call.run.store[ctrl]
-    rows = call.run.layout.rows("cond")
-    block = p[rows, :, call.q_image, call.k_text].float().mean(dim=1)  # (images, L, T)
     if call.q_text is not None:  # joint attention: a distribution over the text tokens
         block = block / block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
     sel = st.get("select")
@@ -85,7 +84,6 @@ def add_maps(ctrl, call, p: torch.Tensor) -> torch.Tensor:
     else:
         entry[0] = entry[0] + m
         entry[1] += 1
-    return p
 
 
 def auto_regions(ctrl, run) -> torch.Tensor | None:

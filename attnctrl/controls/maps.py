@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..attention_block import ProbsBlock
 from ..control import Control
 from ..maps import AttentionMapResult
 from ..selectors import Selector, SelectorLike
@@ -31,7 +32,6 @@ class AttentionMaps(Control):
     name = "maps"
     default_layers = "cross"
     result_key = "maps"
-    observes_only = True
 
     def __init__(
         self,
@@ -47,20 +47,18 @@ class AttentionMaps(Control):
         super().__init__(layers=layers, steps=steps)
         self.resolutions = resolutions
 
-    def needs_probs(self, call) -> bool:
-        return call.k_text is not None
-
     def begin(self, run) -> None:
         run.store[self] = {}
 
-    def probs(self, call, p: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not call.run.layout.has("cond"):
-            return p  # latent-optimisation passes are not part of the record
-        rows = call.run.layout.rows("cond")
-        block = p[rows, :, call.q_image, call.k_text]
-        if call.heads is not None:
-            block = block[:, sorted(call.heads)]
-        m = block.float().mean(dim=1)
+    def reads(self, call) -> ProbsBlock | None:
+        """The conditional rows' image→text block, head-averaged; latent-optimisation passes (with
+        gradients) are not part of the record."""
+        if call.k_text is None or torch.is_grad_enabled() or not call.run.layout.has("cond"):
+            return None
+        heads = tuple(sorted(call.heads)) if call.heads is not None else None
+        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text, heads)
+
+    def observe(self, call, m: torch.Tensor) -> None:
         if call.q_text is not None:  # joint attention: renormalise the image→text block over text
             m = m / m.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
         acc = call.run.store[self]
@@ -70,7 +68,6 @@ class AttentionMaps(Control):
         else:
             entry[0].add_(m)
             entry[1] += 1
-        return p
 
     def result(self, run) -> AttentionMapResult:
         means = {}

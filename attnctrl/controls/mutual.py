@@ -49,6 +49,7 @@ from typing import Annotated, Any
 
 import torch
 
+from ..attention_block import ProbsBlock
 from ..control import Control
 from ..params import WORDS, Range
 from ..regions import check_masks
@@ -101,7 +102,6 @@ class MutualSelfAttention(Control):
     name = "mutual"
     effects = frozenset({"replaces_kv"})  # the targets' keys/values are the source row's
     default_layers = "self"
-    observes_only = True  # `probs` only reads the cross-attention maps of mask_tokens
 
     def __init__(
         self,
@@ -265,14 +265,16 @@ class MutualSelfAttention(Control):
             self.synps.reposition(call, st, rows["t"])
 
     # ---- MaskAuto: maps from cross-attention -----------------------------------------------------
-    def needs_probs(self, call) -> bool:
+    def reads(self, call) -> ProbsBlock | None:
         # the plan's cross-attention layers are the ones `narrow_layers` kept for the maps
         reads = self.mask_tokens is not None and call.layer.kind == "cross"
-        return reads and call.run.layout.has("cond") and not torch.is_grad_enabled()
+        if not (reads and call.run.layout.has("cond") and not torch.is_grad_enabled()):
+            return None
+        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text)
 
-    def probs(self, call, p: torch.Tensor) -> torch.Tensor:
+    def observe(self, call, block: torch.Tensor) -> None:
         """Add this layer's head-averaged maps of the chosen tokens (conditional rows) to the step's sum."""
-        return add_maps(self, call, p)
+        add_maps(self, call, block)
 
     def out(self, call, o: torch.Tensor) -> torch.Tensor:
         rows = self._rows(call)

@@ -57,11 +57,11 @@ def resolve_tokens(ctrl, run) -> list[list[int]]:
     return out
 
 
-def add_maps(ctrl, call, p: torch.Tensor) -> torch.Tensor:
-    """Add this layer's head-averaged maps of the chosen tokens (conditional rows) to the step's sum."""
+def add_maps(ctrl, call, block: torch.Tensor) -> None:
+    """Add this layer's head-averaged maps of the chosen tokens to the step's sum; `block` is the
+    conditional rows' image→text probabilities, (images, L, T), averaged over heads."""
     st = call.run.store[ctrl]
     index = step_index(call.run)
-    block = p[call.run.layout.rows("cond"), :, call.q_image, call.k_text].float().mean(dim=1)  # (images, L, T)
     sel = st.get("select")
     if sel is None or sel.shape[-1] != block.shape[-1]:
         sel = torch.zeros(block.shape[0], block.shape[-1], 1)
@@ -79,7 +79,6 @@ def add_maps(ctrl, call, p: torch.Tensor) -> torch.Tensor:
     else:
         acc["sum"] = acc["sum"] + m
         acc["count"] += 1
-    return p
 
 
 def auto_cells(ctrl, call, st):
