@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from attnctrl.layers import LayerInfo, list_layers
 from attnctrl.models.loading import family_of
 from attnctrl.plan import build_plan, check_controls
 from attnctrl.processors.install import installed
+from attnctrl.run_args import ModelFacts, VocabularyWarning, check_run, check_seed
 from attnctrl.state import BatchLayout, RunContext
 
 from .adapters import ADAPTERS
@@ -44,36 +46,6 @@ class ControlledOutput:
     maps: Any = None
     results: dict = field(default_factory=dict)
     nsfw_content_detected: Any = None
-
-
-def _check_prompt(kw: dict) -> None:
-    prompt = kw.get("prompt")
-    if prompt is None:
-        if kw.get("prompt_embeds") is None:
-            raise ValueError("no prompt given: pass a prompt string (or prompt_embeds)")
-        return
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    if any(not p.strip() for p in prompts):
-        raise ValueError("prompt is empty: give a text prompt describing the image")
-
-
-def _check_numbers(kw: dict) -> None:
-    steps = kw.get("num_inference_steps")
-    if (
-        kw.get("timesteps") is None
-        and kw.get("sigmas") is None
-        and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1)
-    ):
-        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
-    n = kw.get("num_images_per_prompt", 1)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
-    for key in ("height", "width"):
-        v = kw.get(key)
-        if v is not None and (not isinstance(v, int) or v <= 0):
-            raise ValueError(f"{key} must be a positive integer number of pixels, got {v!r}")
 
 
 class ControlledPipeline:
@@ -131,6 +103,17 @@ class ControlledPipeline:
             f = pipe.vae_scale_factor * 2
         return (height or d) // f, (width or d) // f
 
+    def model_facts(self) -> ModelFacts:
+        """What a call's arguments are checked against (`attnctrl.run_args`): scheduler, valid sizes, ..."""
+        from .facts import model_facts, pixel_size
+
+        return model_facts(self.pipe, self.family, pixel_size(self.pipe, self.family, self.default_grid()))
+
+    def check_call(self, prompt=None, *, seed: int | None = None, **kwargs) -> list[str]:
+        """Check a call's arguments as `__call__` does, without running: raises the same errors,
+        returns the warnings the call would give (e.g. words outside a closed vocabulary)."""
+        return self._arguments(prompt, seed, kwargs)[1]
+
     def call_defaults(self) -> dict:
         """The keyword defaults a call uses: the wrapped pipeline's own, with this wrapper's on top."""
         return {**call_defaults(self.pipe), **self.defaults}
@@ -146,7 +129,7 @@ class ControlledPipeline:
         return self
 
     # ---- the call ----------------------------------------------------------------------------
-    def _arguments(self, prompt, seed, kwargs) -> dict:
+    def _arguments(self, prompt, seed, kwargs) -> tuple[dict, list[str]]:
         defaults = call_defaults(self.pipe)
         unknown = [k for k in kwargs if k not in defaults]
         if unknown:
@@ -160,18 +143,18 @@ class ControlledPipeline:
         if seed is not None:
             if kwargs.get("generator") is not None:
                 raise ValueError("pass either seed= or generator=, not both")
-            if not isinstance(seed, int):
-                raise TypeError(f"seed must be an integer, got {seed!r}")
+            check_seed(seed)
             kw["generator"] = torch.Generator("cpu").manual_seed(seed)
-        _check_prompt(kw)
-        _check_numbers(kw)
-        return kw
+        notes = check_run(kw, self.model_facts())  # every argument, before any work
+        return kw, notes
 
     def __call__(
         self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs
     ):
         chosen, pano = split_panorama(check_controls(controls), self.family)
-        kw = self._arguments(prompt, seed, kwargs)
+        kw, notes = self._arguments(prompt, seed, kwargs)
+        for note in notes:
+            warnings.warn(note, VocabularyWarning, stacklevel=2)
         output_type = kw.pop("output_type") or "pil"
         return_dict = kw.pop("return_dict")
         callback = kw.pop("callback_on_step_end")

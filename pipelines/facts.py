@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from attnctrl.inversion import invert_trajectory
+from attnctrl.run_args import ModelFacts
 from attnctrl.state import RunContext, TextEncoders
 
 
@@ -29,6 +30,39 @@ def pixel_size(pipe, family: str, grid: tuple[int, int]) -> tuple[int, int]:
     elif family == "flux":
         f *= 2
     return grid[0] * f, grid[1] * f
+
+
+def model_facts(pipe, family: str, default_size: tuple[int, int]) -> ModelFacts:
+    """What `attnctrl.run_args` checks a call against, read from the wrapped diffusers pipeline."""
+    vsf = int(getattr(pipe, "vae_scale_factor", 8))
+    multiple, reason, max_size = vsf, f"the VAE's scale factor {vsf}", None
+    if family == "sd3":
+        config = pipe.transformer.config
+        patch = int(config.patch_size)
+        multiple, reason = vsf * patch, f"VAE scale factor {vsf} x patch size {patch}"
+        if config.get("pos_embed_max_size"):
+            max_size = int(config.pos_embed_max_size) * multiple
+    elif family == "flux":
+        multiple, reason = vsf * 2, f"VAE scale factor {vsf} x FLUX's 2x2 latent packing"
+    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+    depths = [
+        int(e.config.num_hidden_layers)
+        for e in encoders
+        if e is not None and type(e).__name__.startswith("CLIPText") and hasattr(e.config, "num_hidden_layers")
+    ]
+    vocabulary = getattr(getattr(pipe, "tokenizer", None), "closed_vocabulary", None)
+    scheduler = pipe.scheduler
+    return ModelFacts(
+        family=family,
+        scheduler=type(scheduler).__name__,
+        num_train_timesteps=int(scheduler.config.get("num_train_timesteps", 1000) or 1000),
+        size_multiple=multiple,
+        size_reason=reason,
+        default_size=default_size,
+        max_size=max_size,
+        clip_layers=min(depths) if depths else None,
+        vocabulary=frozenset(vocabulary) if vocabulary is not None else None,
+    )
 
 
 def set_run_facts(

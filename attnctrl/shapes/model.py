@@ -116,7 +116,14 @@ def shapes_tokenizer(folder: str | Path | None = None):
     folder = Path(folder) if folder is not None else assets_dir() / "tokenizer"
     if not (folder / "vocab.json").exists():
         folder = write_tokenizer(Path(tempfile.mkdtemp(prefix="shapes-tok-")))
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH)
+    return _closed(CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH))
+
+
+def _closed(tokenizer):
+    """Mark the tokenizer's vocabulary as closed: `attnctrl.run_args` warns about other prompt words
+    (the tokenizer still encodes them, as byte pieces the model never saw in training)."""
+    tokenizer.closed_vocabulary = frozenset(VOCABULARY)
+    return tokenizer
 
 
 def _scheduler():
@@ -253,4 +260,5 @@ def load_shapes_pipeline(path: str | Path | None = None):
             if was:
                 m.enable_progress_bar()
     pipe.tokenizer.model_max_length = MAX_LENGTH
+    _closed(pipe.tokenizer)
     return pipe
