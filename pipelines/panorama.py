@@ -21,6 +21,7 @@ import torch
 
 from attnctrl.control import Control
 from attnctrl.controls.panorama import Panorama
+from attnctrl.layers import list_layers
 from attnctrl.panorama import make_views
 from attnctrl.state import BatchLayout, RunContext, StepState
 
@@ -72,6 +73,9 @@ def panorama_setup(pano: Panorama, run: RunContext, prep: Prepared, denoiser) ->
     h, w = prep.latents.shape[-2:]
     view = pano.view_size(_native_size(denoiser))
     views = make_views(h, w, view, pano.stride_for(min(view, h, w)), pano.circular)
+    if pano.method == "mad":  # the merge maps tokens at every attention layer's factor: check them all now
+        for factor in sorted({layer.factor for layer in list_layers(denoiser)}):
+            views.index(factor, prep.latents.device)
     run.store[pano] = {"views": views}
     run.grid = (views.view_h, views.view_w)
 
