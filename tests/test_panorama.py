@@ -266,3 +266,31 @@ def test_refusals(tiny):
         cp(PROMPT, seed=0, controls=[ac.Panorama(view=16, stride=10, circular=True)], **kw)
     with pytest.raises(ValueError, match="not divisible by the layer factor 4"):  # before any step
         cp(PROMPT, seed=0, controls=[ac.Panorama(view=16, stride=6)], **kw)
+
+
+# --------------------------------------------------------------------------------------- command line
+
+
+def test_cli_panorama_with_the_default_model_reproduces(tmp_path, capsys, monkeypatch):
+    """`--panorama mad` on the default (Shapes) model: a wide PNG whose recorded command regenerates it."""
+    import json
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    from attnctrl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "a red circle", "--width", "128", "--steps", "2", "--seed", "1", "--panorama", "mad"]
+    assert main(argv + ["-o", "a.png"]) == 0
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == (128, 64)
+        params, first = json.loads(im.text["attnctrl"]), np.asarray(im.convert("RGB")).copy()
+    assert params["controls"] == [{"name": "panorama", "args": {"method": "mad"}}]
+    again = shlex.split(params["command"])[1:] + ["-o", "b.png"]
+    assert main(again) == 0
+    with Image.open(tmp_path / "b.png") as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), first)
+    assert main(argv + ["--control", "panorama", "-o", "c.png"]) == 2
+    assert "give --panorama or --control panorama, not both" in capsys.readouterr().err

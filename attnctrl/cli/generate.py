@@ -87,6 +87,13 @@ def add_generate_parser(sub, models: str) -> None:
         help="add a control with its arguments; repeatable",
     )
     g.add_argument(
+        "--panorama",
+        choices=("mad", "multidiffusion"),
+        default=None,
+        help="a wide image as overlapping views merged every step (with --width); "
+        "other settings: --control panorama view=... stride=... circular=true",
+    )
+    g.add_argument(
         "--maps",
         action="store_true",
         help="save per-word attention heatmaps next to the image as STEM.maps.png (also done whenever a maps control is given)",
@@ -168,6 +175,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _generate_prompts(args)
     specs = [(name.strip().lower(), items) for name, items in args.control]
+    if args.panorama is not None:  # recorded, and reproduced, as --control panorama method=...
+        if any(name == "panorama" for name, _ in specs):
+            raise CLIError("give --panorama or --control panorama, not both")
+        specs.append(("panorama", [f"method={args.panorama}"]))
     controls = [parse_control(name, items) for name, items in specs]
     _set_reference_image(args, specs, controls, parse_control)
     want_maps = args.maps or args.maps_out is not None or any(name == "maps" for name, _ in specs)
