@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .attention_block import ProbsBlock, block_probs
+from .attention_block import ProbsBlock, block_probs, sdpa_with_lse
 from .layers import LayerInfo
 from .state import RunContext
 
@@ -123,11 +123,7 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
                     same.append((control, heads))
         if control.needs_probs(call):
             readers.append((control, heads))
-    for block, observers in observed:
-        p_block = block_probs(call.q, call.k, call.scale, bias, block)
-        for control, heads in observers:
-            call.heads = heads
-            control.observe(call, p_block)
+    lse = None
     if readers:
         p = attention_probs(call.q, call.k, call.scale, bias)
         for control, heads in readers:
@@ -141,7 +137,18 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
             if control.implements("replaced_rows"):
                 call.heads = heads
                 skip = control.replaced_rows(call) or skip
-        o = _sdpa(call, bias, skip)
+        fused = None
+        if observed and skip is None:  # the output and every query's log-sum-exp from one kernel
+            fused = sdpa_with_lse(call.q, call.k, call.v, bias, sdpa_scale(call.scale, call.q.shape[-1]))
+        if fused is not None:
+            o, lse = fused
+        else:
+            o = _sdpa(call, bias, skip)
+    for block, observers in observed:
+        p_block = block_probs(call.q, call.k, call.scale, bias, block, lse=lse)
+        for control, heads in observers:
+            call.heads = heads
+            control.observe(call, p_block)
     for control, heads in chain:
         if control.implements("out"):
             call.heads = heads

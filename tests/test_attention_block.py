@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnctrl as ac
 from attnctrl.attention import attention_probs
-from attnctrl.attention_block import ProbsBlock, block_probs, query_chunk
+from attnctrl.attention_block import ProbsBlock, block_probs, query_chunk, sdpa_with_lse
 from attnctrl.pipelines import ControlledPipeline
 from tests.conftest import call_kwargs
 
@@ -42,6 +43,23 @@ def test_a_block_equals_the_slice_of_the_full_probabilities(budget, mean_heads, 
         want = want.mean(dim=1)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.allclose(got, want, rtol=TOL, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_fused_kernel_gives_sdpas_output_and_the_normaliser_of_the_block(dtype, with_bias):
+    q, k, bias = _qkb(dtype)
+    v = torch.randn(B, H, LK, D).to(dtype)
+    mask = bias.to(dtype) if with_bias else None
+    fused = sdpa_with_lse(q, k, v, mask, None)
+    assert fused is not None
+    out, lse = fused
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # the layer output, bit for bit
+    block = ProbsBlock(slice(1, 3), slice(4, 30), slice(2, 11), (1, 2))
+    got = block_probs(q, k, D**-0.5, mask, block, budget=1, lse=lse)
+    want = _full(q, k, mask, D**-0.5)[1:3, 1:3, 4:30, 2:11].mean(dim=1)
+    # bf16: the kernel's log-sum-exp comes from bf16 products accumulated in float32 (≈ 4e-5 measured)
+    assert torch.allclose(got, want, rtol=TOL if dtype == torch.float32 else 2e-4, atol=1e-9)
 
 
 def test_a_block_over_all_keys_sums_to_one_and_broadcast_biases_apply():
