@@ -153,8 +153,6 @@ class ControlledPipeline:
     ):
         chosen, pano = split_panorama(check_controls(controls), self.family)
         kw, notes = self._arguments(prompt, seed, kwargs)
-        for note in notes:
-            warnings.warn(note, VocabularyWarning, stacklevel=2)
         output_type = kw.pop("output_type") or "pil"
         return_dict = kw.pop("return_dict")
         callback = kw.pop("callback_on_step_end")
@@ -175,6 +173,8 @@ class ControlledPipeline:
             if pano is not None:
                 panorama_setup(pano, run, prep, self.denoiser)  # the layers see views: run.grid is a view's
             run.plan = build_plan(chosen, layers, run.grid)
+            for note in notes:  # once the run is certain to go ahead
+                warnings.warn(note, VocabularyWarning, stacklevel=2)
             t5_length = kw.get("max_sequence_length") if self.family in ("sd3", "flux") else None
             set_run_facts(run, pipe, self.denoiser, self.adapter, t5_length, prep.timesteps)
             planned = [layer for layer in layers if layer.name in run.plan]

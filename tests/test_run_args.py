@@ -213,3 +213,59 @@ def test_the_shapes_model_warns_about_words_it_does_not_know():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a red square", seed=0, num_inference_steps=1, output_type="latent")
+
+
+# ------------------------------------------------------------------------------ through the CLI
+
+CLI_REFUSED = {
+    "steps over the scheduler's range": (
+        ["--steps", "1001"],
+        "attnctrl: error: --steps: num_inference_steps must be a positive integer from 1 to 1000 (the "
+        "DDIMScheduler has num_train_timesteps=1000), got 1001: pass at most 1000",
+    ),
+    "height the VAE cannot make": (
+        ["--height", "63"],
+        "attnctrl: error: --height: height must be a multiple of 2 pixels for this model (the VAE's scale "
+        "factor 2), got 63: use 62 or 64 (the model's default is 64)",
+    ),
+    "width the VAE cannot make": (["--width", "65"], "attnctrl: error: --width: width must be a multiple of 2"),
+    "guidance nan": (
+        ["--guidance", "nan"],
+        "attnctrl: error: --guidance: guidance_scale must be a finite number >= 0, got nan: pass e.g. 7.5",
+    ),
+    "guidance inf": (["--guidance", "inf"], "attnctrl: error: --guidance: guidance_scale must be a finite number"),
+    "negative guidance": (
+        ["--guidance", "-1"],
+        "attnctrl: error: --guidance: guidance_scale must be a finite number >= 0, got -1.0",
+    ),
+    "negative seed": (["--seed", "-1"], "attnctrl: error: argument --seed: must be between 0 and 2**63-1"),
+    "zero steps": (["--steps", "0"], "attnctrl: error: argument --steps: must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_REFUSED))
+def test_the_cli_refuses_with_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    from attnctrl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    flags, message = CLI_REFUSED[case]
+    rc = main(["generate", "a red car", "--model", "tiny-sd", *flags, "-o", str(tmp_path / "x.png")])
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and cap.out == ""
+    assert len(lines) == 1 and lines[0].startswith(message), cap.err
+    assert list(tmp_path.iterdir()) == []  # no image, no temp file
+
+
+def test_the_cli_names_unknown_words_of_the_shapes_model_in_one_warning_line(tmp_path, capsys):
+    from attnctrl.cli import main
+
+    out = tmp_path / "dog.png"
+    rc = main(["generate", "a red dog left of a blue circle", "--seed", "0", "--steps", "1", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.is_file()
+    warned = [line for line in err.splitlines() if line.startswith("attnctrl: warning: ")]
+    assert warned == [
+        "attnctrl: warning: not in this model's vocabulary: dog (the model never saw them; it knows: a, above, an, "
+        "and, below, blue, circle, green, large, left, of, purple, red, right, small, square, the, to, triangle, yellow)"
+    ]

@@ -19,9 +19,11 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from attnctrl.reproduce import reproduce_argv
+from attnctrl.run_args import RunArgError, VocabularyWarning
 
 from .common import PROG, CLIError, DropTorchvisionNotice, Parser, UsageError, one_line
 
@@ -53,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the command-line flag of each call argument a run refuses (`attnctrl.run_args.RunArgError.argument`)
+FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "num_images_per_prompt": "--num-images",
+    "seed": "--seed",
+}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A run's `VocabularyWarning` as one line ``attnctrl: warning: ...`` on stderr; others as Python shows them."""
+    if issubclass(category, VocabularyWarning):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     log = logging.getLogger("transformers.utils.import_utils")
@@ -66,14 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return done.code if isinstance(done.code, int) else 0
         if args.command is None:
             raise UsageError(f"choose a command: generate, layers, tokens, heads or app (see '{PROG} --help')")
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", VocabularyWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, TypeError, OSError, NotImplementedError) as err:
         if os.environ.get("ATTNCTRL_DEBUG") and not isinstance(err, UsageError):
             raise
-        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        flag = FLAGS.get(err.argument or "") if isinstance(err, RunArgError) else None
+        print(f"{PROG}: error: {flag + ': ' if flag else ''}{one_line(err)}", file=sys.stderr)
         return 2
     finally:
         log.removeFilter(notice)
