@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import re
@@ -35,9 +36,12 @@ from attnctrl.controls.registry import (
 )
 from attnctrl.models.loading import model_key
 from attnctrl.params import declared
+from attnctrl.run_args import RunArgError
 
 __all__ = [
+    "Limits",
     "ModelCache",
+    "OutOfMemory",
     "Request",
     "RunResult",
     "check_words",
@@ -213,6 +217,48 @@ def heatmap_tiles(
 
 # ----------------------------------------------------------------------------------- request
 
+#: the page's name of each call argument a run refuses (`attnctrl.run_args.RunArgError.argument`)
+FIELDS = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance scale",
+    "num_images_per_prompt": "images",
+    "height": "height",
+    "width": "width",
+    "seed": "seed",
+    "prompt": "prompt",
+}
+#: the errors a run can raise when the machine runs out of memory (CPU, or an accelerator's)
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
+class OutOfMemory(RuntimeError):
+    """A run that ran out of memory; the message says what to ask for instead. The server goes on."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (``attnctrl app --max-steps --max-pixels --max-images``);
+    a request over them is refused before any work, with the limit and the flag that sets it."""
+
+    max_steps: int = 100
+    max_pixels: int = 1024 * 1024  # height x width of one image
+    max_images: int = 4
+
+    def __post_init__(self):
+        for name in ("max_steps", "max_pixels", "max_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def check_size(self, height: int, width: int) -> None:
+        if height * width > self.max_pixels:
+            side = int(self.max_pixels**0.5)
+            raise ValueError(
+                f"image size {width}x{height} = {width * height} pixels is over this server's limit of "
+                f"{self.max_pixels} pixels per image (attnctrl app --max-pixels): ask for a smaller image, "
+                f"e.g. {side}x{side} or less"
+            )
+
 
 @dataclass
 class Request:
@@ -230,7 +276,10 @@ class Request:
     controls: list[tuple[str, list[str]]] = field(default_factory=list)
     compare: bool = True
 
-    def validate(self) -> None:
+    def validate(self, limits: Limits | None = None) -> None:
+        """Checks of the form's values and the server's `limits` that need no model (the model's own
+        checks, `ControlledPipeline.check_call`, follow once it is loaded, still before any run)."""
+        limits = limits if limits is not None else Limits()
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("the prompt is empty: type a text prompt describing the image")
         for name, value, lo in (
@@ -242,8 +291,16 @@ class Request:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         if not 0 <= int(self.seed) < 2**63:
             raise ValueError(f"seed must be below 2**63, got {self.seed}")
-        if self.num_images > 8:
-            raise ValueError(f"at most 8 images per run, got {self.num_images}")
+        if int(self.steps) > limits.max_steps:
+            raise ValueError(
+                f"steps: at most {limits.max_steps} per run on this server (attnctrl app --max-steps), "
+                f"got {int(self.steps)}: ask for fewer steps"
+            )
+        if int(self.num_images) > limits.max_images:
+            raise ValueError(
+                f"images: at most {limits.max_images} per run on this server (attnctrl app --max-images), "
+                f"got {int(self.num_images)}: ask for fewer images"
+            )
         if self.guidance is None:
             raise ValueError("guidance scale is empty")
         for name, pixels in (("height", self.height), ("width", self.width)):
@@ -251,6 +308,8 @@ class Request:
                 raise ValueError(
                     f"{name} must be a whole number of pixels >= 8 (or empty for the model's default), got {pixels!r}"
                 )
+        if self.height is not None and self.width is not None:
+            limits.check_size(int(self.height), int(self.width))
         for name, _ in self.controls:
             if name not in CONTROLS:
                 raise ControlArgError(f"unknown control {name!r}; known controls: {', '.join(sorted(CONTROLS))}")
@@ -383,17 +442,48 @@ def python_code(req: Request, size: tuple[int, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, str], None] | None = None) -> RunResult:
-    """Run a request: load (cached), check, run with controls (and without), collect maps.
+def _check_call(pipe, req: Request, kw: dict, limits: Limits) -> list[str]:
+    """The model's checks of the call (`ControlledPipeline.check_call`) and the pixel limit at the
+    model's default size, before any run; returns the run's warnings. Errors name the page's field."""
+    try:
+        notes = pipe.check_call(req.prompt, seed=int(req.seed), **kw)
+    except RunArgError as err:
+        field = FIELDS.get(err.argument or "")
+        raise RunArgError(f"{field}: {err}" if field else str(err), err.argument) from None
+    default_h, default_w = pipe.model_facts().default_size
+    limits.check_size(kw.get("height") or default_h, kw.get("width") or default_w)
+    return notes
 
-    Raises ValueError subclasses (bad model, bad control argument, unknown word, selector
-    matching nothing, ...) with a readable message; the cache and pipeline stay usable."""
-    req.validate()
+
+def _out_of_memory(req: Request, err: BaseException) -> OutOfMemory:
+    gc.collect()  # drop what the failed run held before the next request
+    size = f"{req.width or 'default'}x{req.height or 'default'}"
+    return OutOfMemory(
+        f"out of memory in this run ({type(err).__name__}; size {size}, {int(req.num_images)} image(s), "
+        f"{int(req.steps)} steps): ask for a smaller size or fewer images, then generate again"
+    )
+
+
+def run_request(
+    req: Request,
+    cache: ModelCache,
+    progress: Callable[[int, int, str], None] | None = None,
+    limits: Limits | None = None,
+) -> RunResult:
+    """Run a request: check, load (cached), check against the model, run with controls (and
+    without), collect maps. Every check is done before the first run.
+
+    Raises ValueError subclasses (over the server's `limits`, bad model, bad control argument,
+    unknown word, selector matching nothing, ...) with a readable message, and `OutOfMemory` when a
+    run runs out of memory; the cache and pipeline stay usable."""
+    limits = limits if limits is not None else Limits()
+    req.validate(limits)
     t0 = time.perf_counter()
     key = model_key(req.model)
     with cache.use(key) as pipe:
         controls = build_controls(req, pipe)  # fresh instances, every request
         kw = req.call_kwargs()
+        notes = _check_call(pipe, req, kw, limits)
         steps = kw["num_inference_steps"]
         has_user = bool(req.controls)
         runs = 2 if (req.compare and has_user) else 1
@@ -407,18 +497,16 @@ def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, s
 
             return cb
 
-        out = pipe(
-            req.prompt, controls=controls, seed=int(req.seed), callback_on_step_end=callback(0, "with controls"), **kw
-        )
+        def generate(**call):
+            try:
+                return pipe(req.prompt, seed=int(req.seed), **call, **kw)
+            except _OUT_OF_MEMORY as err:
+                raise _out_of_memory(req, err) from err
+
+        out = generate(controls=controls, callback_on_step_end=callback(0, "with controls"))
         images = list(out.images)
         if runs == 2:
-            base = pipe(
-                req.prompt,
-                controls=[],
-                seed=int(req.seed),
-                callback_on_step_end=callback(steps, "without controls"),
-                **kw,
-            )
+            base = generate(controls=[], callback_on_step_end=callback(steps, "without controls"))
             baseline, base_hash = list(base.images), latent_hash(base.latents)
             note = ""
         else:
@@ -427,6 +515,7 @@ def run_request(req: Request, cache: ModelCache, progress: Callable[[int, int, s
         if not out.maps:
             raise ValueError("no attention maps were recorded: the maps control selected no layer that ran")
         tiles = heatmap_tiles(out.maps, images)
+    note = " · ".join(n for n in [*notes, note] if n)
     size = images[0].size
     return RunResult(
         images=images,

@@ -17,7 +17,9 @@ import gradio as gr
 from gradio.blocks import Block
 
 from attnctrl.app.runner import (
+    Limits,
     ModelCache,
+    OutOfMemory,
     Request,
     layer_rows,
     model_key,
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPT = "a red car and a white sheep"
 #: errors shown to the user as a message (anything else is logged with its traceback, and shown too)
-_USER_ERRORS = (ValueError, TypeError, NotImplementedError, KeyError, OSError)
+_USER_ERRORS = (ValueError, TypeError, NotImplementedError, KeyError, OSError, OutOfMemory)
 _CSS = """
 #status .prose p, #model-status .prose p { margin: 0.2em 0; }
 .attnctrl-error { color: #b91c1c; font-weight: 600; }
@@ -90,14 +92,19 @@ def _widget(f: Field):
     return gr.Textbox(value=init, lines=1, placeholder=placeholder, **common)
 
 
-def build_app(model: str | None = None, *, cache: ModelCache | None = None, cache_size: int = 2) -> gr.Blocks:
-    """The app's Blocks (not launched). `model` prefills the model box (default: the embedded default)."""
+def build_app(
+    model: str | None = None, *, cache: ModelCache | None = None, cache_size: int = 2, limits: Limits | None = None
+) -> gr.Blocks:
+    """The app's Blocks (not launched). `model` prefills the model box (default: the embedded default);
+    `limits` caps what one request may ask for (default `Limits()`: 100 steps, 1024x1024 px, 4 images)."""
     cache = cache if cache is not None else ModelCache(cache_size)
+    limits = limits if limits is not None else Limits()
     default_model = model_key(model)
     forms = panels()
 
     with gr.Blocks(title="attnctrl", analytics_enabled=False) as demo:
         demo.attnctrl_cache = cache  # for callers and tests
+        demo.attnctrl_limits = limits
         gr.Markdown(
             "# attnctrl\nTraining-free attention control for diffusion models. Pick the words a control acts on, "
             "switch controls on, generate: you get the image with and without the controls at the same seed, "
@@ -128,12 +135,20 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                 negative = gr.Textbox(value="", label="negative prompt", lines=1, elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", minimum=0)
-                    steps = gr.Number(value=20, precision=0, label="steps", elem_id="steps")
+                    steps = gr.Number(
+                        value=20, precision=0, label="steps", elem_id="steps", info=f"at most {limits.max_steps}"
+                    )
                     guidance = gr.Number(value=7.5, label="guidance scale", elem_id="guidance")
                 with gr.Row():
                     height = gr.Number(value=0, precision=0, label="height (px, 0 = default)", elem_id="height")
                     width = gr.Number(value=0, precision=0, label="width (px, 0 = default)", elem_id="width")
-                    num_images = gr.Number(value=1, precision=0, label="images", elem_id="num-images")
+                    num_images = gr.Number(
+                        value=1,
+                        precision=0,
+                        label="images",
+                        elem_id="num-images",
+                        info=f"at most {limits.max_images}; at most {limits.max_pixels} px each",
+                    )
                 compare = gr.Checkbox(
                     value=True, label="also run without controls (same seed), side by side", elem_id="compare"
                 )
@@ -329,7 +344,9 @@ def build_app(model: str | None = None, *, cache: ModelCache | None = None, cach
                     compare=bool(data[compare]),
                 )
                 progress((0, 1), desc="loading model")
-                res = run_request(req, cache, progress=lambda done, total, desc: progress((done, total), desc=desc))
+                res = run_request(
+                    req, cache, progress=lambda done, total, desc: progress((done, total), desc=desc), limits=limits
+                )
             except Exception as err:
                 return f"Run {n} · {_error(err)}", n, None, None, None, "", "", ""
             names = ", ".join(n for n, _ in chosen) or "none (maps only)"
@@ -356,13 +373,14 @@ def launch(
     *,
     concurrency: int = 2,
     cache_size: int = 2,
+    limits: Limits | None = None,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
 ):
     """Build, queue and launch the app; returns the launched Blocks."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    demo = build_app(model, cache_size=cache_size)
+    demo = build_app(model, cache_size=cache_size, limits=limits)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     demo.launch(
         server_name=host,

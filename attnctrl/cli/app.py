@@ -45,7 +45,40 @@ def add_app_parser(sub, models: str) -> None:
         metavar="N",
         help="loaded models kept in memory (least recently used dropped first). Default: 2",
     )
+    a.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=100,
+        metavar="N",
+        help="most denoising steps one request may ask for (refused before any work). Default: 100",
+    )
+    a.add_argument(
+        "--max-pixels",
+        type=pixel_count,
+        default=1024 * 1024,
+        metavar="N|WxH",
+        help="most pixels per image one request may ask for, as a count or WxH. Default: 1024x1024",
+    )
+    a.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="most images one request may ask for. Default: 4",
+    )
     a.set_defaults(func=_cmd_app)
+
+
+def pixel_count(text: str) -> int:
+    """``--max-pixels``: a positive pixel count (``1048576``) or a size (``1024x1024``)."""
+    w, sep, h = text.strip().lower().partition("x")
+    try:
+        n = int(w) * int(h) if sep else int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count or WxH (e.g. 1024x1024), got {text!r}") from None
+    if n < 1 or (sep and (int(w) < 1 or int(h) < 1)):
+        raise argparse.ArgumentTypeError(f"must be a positive pixel count or WxH, got {text!r}")
+    return n
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
@@ -54,6 +87,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError("the web app needs Gradio: pip install 'attnctrl[app]'") from None
     from attnctrl.app import launch
+    from attnctrl.app.runner import Limits
 
     launch(
         args.model,
@@ -62,5 +96,6 @@ def _cmd_app(args: argparse.Namespace) -> int:
         share=args.share,
         concurrency=args.concurrency,
         cache_size=args.cache_size,
+        limits=Limits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_images=args.max_images),
     )
     return 0
