@@ -108,7 +108,8 @@ def test_multidiffusion_matches_diffusers_panorama_pipeline(tiny, circular):
     """Our merge of the predictions equals diffusers' average of the views' DDIM steps."""
     pipe = tiny("tiny-sd")
     kw = call_kwargs("tiny-sd", height=64, width=160)
-    pano = ac.Panorama("multidiffusion", view=32, stride=16, circular=circular)
+    batch = 2 if circular else None  # views in batches of 2 merge into the same canvas
+    pano = ac.Panorama("multidiffusion", view=32, stride=16, circular=circular, view_batch=batch)
     out = ControlledPipeline(pipe)(PROMPT, seed=0, controls=[pano], **kw)
     views = make_views(32, 80, 32, 16, circular)
     ref = _diffusers_panorama(pipe, views, circular, **kw)
@@ -205,11 +206,11 @@ def test_mad_matches_a_reference_implementation(tiny, switch):
     assert (md.latents - ref).abs().max().item() > 1e-2  # the reference is not MultiDiffusion
 
 
-@pytest.mark.parametrize("method", ["mad", "multidiffusion"])
-def test_circular_panorama_is_periodic(tiny, method):
+@pytest.mark.parametrize("name,method", [("tiny-sd", "mad"), ("tiny-sd", "multidiffusion"), ("tiny-sdxl", "mad")])
+def test_circular_panorama_is_periodic(tiny, name, method):
     """A 360° panorama has no seam: rolling the start noise by a stride rolls the result."""
-    pipe = tiny("tiny-sd")
-    kw = call_kwargs("tiny-sd", height=64, width=128)
+    pipe = tiny(name)
+    kw = call_kwargs(name, height=64, width=128)
     pano = ac.Panorama(method, view=32, stride=16, circular=True)
     cp = ControlledPipeline(pipe)
     noise = torch.randn(1, 4, 32, 64, generator=torch.Generator().manual_seed(5))
