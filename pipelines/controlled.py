@@ -21,7 +21,7 @@ from .adapters import ADAPTERS
 from .adapters.base import call_defaults
 from .facts import set_run_facts
 from .loop import denoise_loop
-from .panorama import panorama_loop, panorama_setup, split_panorama
+from .panorama import panorama_loop, panorama_results, panorama_setup, split_panorama
 
 TEXT_TO_IMAGE = {
     "sd": "StableDiffusionPipeline",
@@ -190,6 +190,8 @@ class ControlledPipeline:
                         latents = panorama_loop(pano, pipe, self.adapter, prep, run, chosen, callback, callback_inputs)
                 images, nsfw = self.adapter.decode(pipe, prep, latents, output_type)
                 results = {c.result_key: c.result(run) for c in chosen if c.result_key}
+                if pano is not None:
+                    results = panorama_results(pano, run, results)  # maps of the whole canvas
             finally:
                 for c in started:
                     c.end(run)

@@ -28,10 +28,14 @@ from attnctrl.state import BatchLayout, RunContext, StepState
 from .adapters.base import Adapter, Prepared
 from .loop import branch_inputs, guide, rescale
 
-__all__ = ["split_panorama", "panorama_setup", "panorama_loop"]
+__all__ = ["split_panorama", "panorama_setup", "panorama_loop", "panorama_results"]
 
 #: controls that compose with a panorama, and the methods they compose with
-COMPOSES = {"PAG": ("mad", "multidiffusion"), "HeadPerturbation": ("mad", "multidiffusion")}
+COMPOSES = {
+    "PAG": ("mad", "multidiffusion"),
+    "HeadPerturbation": ("mad", "multidiffusion"),
+    "AttentionMaps": ("mad", "multidiffusion"),  # all views in one call; merged into the canvas after
+}
 COMPOSES_MD = {"SharedAttention": ("multidiffusion",)}
 
 
@@ -60,6 +64,9 @@ def split_panorama(controls: Sequence[Control], family: str) -> tuple[list[Contr
                 else "(it reads or edits the image as one grid or changes the latents between steps)"
             )
             raise ValueError(f"ac.Panorama does not compose with {kind} {why}; composes with: {', '.join(allowed)}")
+    kinds = {type(c).__name__ for c in controls}
+    if "AttentionMaps" in kinds and ("SharedAttention" in kinds or pano.view_batch is not None):
+        raise ValueError("panorama maps need all views in one denoiser call: drop view_batch / SharedAttention")
     return [pano] + [c for c in controls if c is not pano], pano
 
 
@@ -151,3 +158,24 @@ def panorama_loop(
                 bar.update()
     run.layout = base
     return latents
+
+
+def panorama_results(pano: Panorama, run: RunContext, results: dict) -> dict:
+    """Controls' results over the canvas: `AttentionMaps`' per-view maps (images · views rows, from
+    each view's own probabilities; for MAD, of the views' unmerged queries) merged with the views'
+    weights into maps of the whole panorama, one per image, at each layer's canvas resolution."""
+    from attnctrl.maps import AttentionMapResult
+
+    views = run.store[pano]["views"]
+    out = dict(results)
+    for key, value in results.items():
+        if not isinstance(value, AttentionMapResult):
+            continue
+        by_res = {}
+        for (h, w), m in value.by_res.items():  # (images · V, T, h, w)
+            f = views.view_h // h
+            tokens = m.reshape(-1, len(views), m.shape[1], h * w).transpose(2, 3)  # (images, V, L, T)
+            canvas = views.merge(tokens, f).transpose(1, 2)  # (images, T, N)
+            by_res[(views.height // f, views.width // f)] = canvas.reshape(*canvas.shape[:2], views.height // f, -1)
+        out[key] = AttentionMapResult(by_res, prompts=list(run.prompts), text=run.text, family=run.family)
+    return out

@@ -250,11 +250,33 @@ def test_shared_attention_across_panoramas(tiny):
         cp(prompts, seed=0, controls=[ac.SharedAttention(), ac.Panorama()], **kw)
 
 
+@pytest.mark.parametrize("method", ["mad", "multidiffusion"])
+def test_maps_over_the_whole_panorama(tiny, method):
+    """The views' maps merged into the canvas: with one view they are the stock run's maps; with
+    several, one map per image at every layer's canvas resolution, still a distribution over text."""
+    pipe = tiny("tiny-sd")
+    cp = ControlledPipeline(pipe)
+    kw = call_kwargs("tiny-sd", height=64, width=96)
+    ref = cp(PROMPT, seed=0, controls=[ac.AttentionMaps()], **kw).maps
+    one = cp(PROMPT, seed=0, controls=[ac.AttentionMaps(), ac.Panorama(method, view=48)], **kw).maps
+    assert one.resolutions == ref.resolutions
+    for res in ref.resolutions:
+        assert torch.allclose(one.by_res[res], ref.by_res[res], atol=1e-6)
+    kw = call_kwargs("tiny-sd", height=64, width=160, num_images_per_prompt=2)
+    wide = cp(PROMPT, seed=0, controls=[ac.AttentionMaps(), ac.Panorama(method, view=32, stride=16)], **kw).maps
+    assert wide.resolutions == [(8, 20), (16, 40), (32, 80)]
+    for m in wide.by_res.values():
+        assert m.shape[0] == 2 and torch.allclose(m.sum(1), torch.ones(()), atol=1e-5)
+    assert wide.word(1, "sheep").shape == (32, 80)
+
+
 def test_refusals(tiny):
     cp = ControlledPipeline(tiny("tiny-sd"))
     kw = call_kwargs("tiny-sd", height=64, width=96)
-    with pytest.raises(ValueError, match="does not compose with AttentionMaps"):
-        cp(PROMPT, seed=0, controls=[ac.Panorama(), ac.AttentionMaps()], **kw)
+    with pytest.raises(ValueError, match="does not compose with AttendExcite"):
+        cp(PROMPT, seed=0, controls=[ac.Panorama(), ac.AttendExcite(tokens=["car"])], **kw)
+    with pytest.raises(ValueError, match="maps need all views in one denoiser call"):
+        cp(PROMPT, seed=0, controls=[ac.Panorama("multidiffusion", view_batch=1), ac.AttentionMaps()], **kw)
     with pytest.raises(ValueError, match="one ac.Panorama"):
         cp(PROMPT, seed=0, controls=[ac.Panorama(), ac.Panorama()], **kw)
     with pytest.raises(NotImplementedError, match="SD 1.x/2.x and SDXL"):

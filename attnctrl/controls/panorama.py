@@ -10,8 +10,9 @@ the views' q, k, v are merged into the canvas and attend over all of it until th
 (the paper's 25 of 50: ``switch=0.5``), per view after; cross-attention merges the views' queries
 at every step.
 
-Composes with PAG / HeadPerturbation (per view: their perturbed branch is a branch of every view)
-and, with ``method="multidiffusion"``, SharedAttention across a batch of panoramas (views then go
+Composes with PAG / HeadPerturbation (per view: their perturbed branch is a branch of every view),
+AttentionMaps (the views' maps merged into maps of the whole panorama) and, with
+``method="multidiffusion"``, SharedAttention across a batch of panoramas (views then go
 one per denoiser call, so view i of every panorama shares view i of the reference); the pipeline
 refuses every other control with an error naming it. SD 1.x/2.x and SDXL (UNet) only.
 """
