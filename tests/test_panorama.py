@@ -169,7 +169,8 @@ class _ReferenceMAD:
 def _reference_mad_run(pipe, views, steps, switch, guidance=7.5):
     """MAD's sampling loop: views through the UNet, a DDIM step per view, latents averaged."""
     cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True)
-    latents = pipe.prepare_latents(1, 4, 64, 160, cond.dtype, "cpu", torch.Generator().manual_seed(0))
+    size = (views.height * pipe.vae_scale_factor, views.width * pipe.vae_scale_factor)
+    latents = pipe.prepare_latents(1, 4, *size, cond.dtype, "cpu", torch.Generator().manual_seed(0))
     pipe.scheduler.set_timesteps(steps)
     text = torch.cat([uncond.expand(len(views), -1, -1), cond.expand(len(views), -1, -1)])
     originals = pipe.unet.attn_processors
@@ -192,15 +193,16 @@ def _reference_mad_run(pipe, views, steps, switch, guidance=7.5):
     return latents
 
 
-@pytest.mark.parametrize("switch", [0.5, 1.0])
-def test_mad_matches_a_reference_implementation(tiny, switch):
+@pytest.mark.parametrize("switch,size", [(0.5, (64, 160)), (1.0, (64, 160)), (0.5, (96, 96))])
+def test_mad_matches_a_reference_implementation(tiny, switch, size):
     """The whole MAD run (merged self-attention up to the switch step, merged cross-attention
-    throughout, MultiDiffusion's merge) equals the paper's loop written out independently."""
+    throughout, MultiDiffusion's merge) equals the paper's loop written out independently
+    (a row of views, and a 2×2 grid)."""
     pipe = tiny("tiny-sd")
     steps = 4
-    kw = call_kwargs("tiny-sd", height=64, width=160, num_inference_steps=steps)
+    kw = call_kwargs("tiny-sd", height=size[0], width=size[1], num_inference_steps=steps)
     out = ControlledPipeline(pipe)(PROMPT, seed=0, controls=[ac.Panorama(view=32, stride=16, switch=switch)], **kw)
-    ref = _reference_mad_run(pipe, make_views(32, 80, 32, 16), steps, int(switch * steps))
+    ref = _reference_mad_run(pipe, make_views(size[0] // 2, size[1] // 2, 32, 16), steps, int(switch * steps))
     assert (out.latents - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     md = ControlledPipeline(pipe)(PROMPT, seed=0, controls=[ac.Panorama("multidiffusion", view=32, stride=16)], **kw)
     assert (md.latents - ref).abs().max().item() > 1e-2  # the reference is not MultiDiffusion
@@ -317,3 +319,14 @@ def test_cli_panorama_with_the_default_model_reproduces(tmp_path, capsys, monkey
         assert np.array_equal(np.asarray(im.convert("RGB")), first)
     assert main(argv + ["--control", "panorama", "-o", "c.png"]) == 2
     assert "give --panorama or --control panorama, not both" in capsys.readouterr().err
+
+
+def test_the_app_runs_a_panorama():
+    """The app's panel (built from the registry) runs a panorama with its heatmap gallery."""
+    from attnctrl.app.runner import ModelCache, Request, run_request
+
+    req = Request("a red circle and a blue square", seed=0, steps=2, width=128, controls=[("panorama", ["method=mad"])])
+    res = run_request(req, ModelCache())
+    assert res.images[0].size == (128, 64) and res.baseline[0].size == (128, 64)
+    assert "--control panorama method=mad" in res.cli
+    assert [t[1] for t in res.heatmaps] == ["a", "red", "circle", "and", "a#2", "blue", "square"]
