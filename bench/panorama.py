@@ -4,7 +4,7 @@ al. 2024)?
 
 Each seed's start noise is shared by the three methods (one image per seed, batched):
 
-    plain           the stock model run on the whole wide latent (no views)
+    plain           the stock model run on the whole wide latent (no views; --circular does not apply)
     multidiffusion  ac.Panorama("multidiffusion"): views of the model's 16×16 latents, merged each step
     mad             ac.Panorama("mad"): the same views, attention merged over the canvas (switch 0.5)
 
