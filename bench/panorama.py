@@ -13,7 +13,7 @@ objects found, the named ones ("red circle", "blue square") and others, duplicat
 beyond the first of each), the share with both named objects present and with exactly one each.
 Prints a markdown table and, with ``--out DIR``, writes each method's panoramas as a strip.
 
-    python bench/panorama.py                         # Shapes, 64×256 px, 12 seeds, 25 steps: ~4 min on 2 cores
+    python bench/panorama.py                         # Shapes, 64×256 px, 12 seeds, 25 steps: ~3 min on 2 cores
     python bench/panorama.py --width 384 --seeds 8 --stride 8 --circular
 """
 
@@ -110,9 +110,11 @@ def main(argv=None) -> int:
     keys = ["objects", *(f"{c} {s}" for c, s in wanted), "other", "duplicates", "present", "exact"]
     print("| method | " + " | ".join(keys) + " | s / image |")
     print("|---" * (len(keys) + 2) + "|")
+    per_seed = {}
     for method in methods:
         images, secs = run(pipe, method, args, seeds)
         scores = [score(im, wanted) for im in images]
+        per_seed[method] = [s["duplicates"] for s in scores]
         means = [np.mean([s[k] for s in scores]) for k in keys]
         print(f"| {method} | " + " | ".join(f"{m:.2f}" for m in means) + f" | {secs:.1f} |", flush=True)
         if args.out:
@@ -121,6 +123,10 @@ def main(argv=None) -> int:
             for i, im in enumerate(images):
                 strip.paste(im, (0, i * im.height))
             strip.save(Path(args.out) / f"{method}.png")
+    print("\nduplicates per seed (same start noise per column; mean ± standard error):")
+    for method, d in per_seed.items():
+        sem = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        print(f"  {method:>14}: {' '.join(str(x) for x in d)}   {np.mean(d):.2f} ± {sem:.2f}")
     print("\nobjects, named, other, duplicates: mean per panorama; present / exact: share of panoramas with")
     print("each named object at least once / exactly once (duplicates: named objects beyond the first of each)")
     return 0
