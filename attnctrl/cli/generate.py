@@ -166,6 +166,18 @@ def _pnginfo(params: dict[str, Any]):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    seed, written = generate(args)
+    if args.seed is None:
+        print(f"{PROG}: random seed {seed} (recorded in the PNG metadata)", file=sys.stderr)
+    for p in written:
+        print(p)
+    return 0
+
+
+def generate(args: argparse.Namespace, load=common.load_model) -> tuple[int, list[Path]]:
+    """Run ``generate``'s parsed arguments: images (and maps) written with their PNG metadata.
+    `load` gives the pipeline of a --model value (``attnctrl batch`` passes its cache). Returns the
+    seed used and the files written."""
     import diffusers
     import torch
 
@@ -197,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     outputs = common.Outputs(image_paths + maps_paths)  # fails here, before any work, if unwritable
     try:
-        pipe = common.load_model(args.model)
+        pipe = load(args.model)
         defaults = pipe.call_defaults()  # the wrapped pipeline's call defaults with the model's own on top
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
         kw: dict[str, Any] = {
@@ -246,8 +258,4 @@ def cmd_generate(args: argparse.Namespace) -> int:
         written = outputs.commit()
     finally:
         outputs.discard()
-    if args.seed is None:
-        print(f"{PROG}: random seed {seed} (recorded in the PNG metadata)", file=sys.stderr)
-    for p in written:
-        print(p)
-    return 0
+    return seed, written
