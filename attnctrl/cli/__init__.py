@@ -3,12 +3,13 @@ search perturbation heads, launch the web app.
 
     attnctrl generate "a red car and a white sheep" --seed 0 --steps 30 --maps -o car.png
     attnctrl generate "a cat" --control maps resolutions=16 layers="cross,up" -o cat.png
+    attnctrl batch jobs.jsonl --out results      # or: accelerate launch --num_processes 4 -m attnctrl batch ...
     attnctrl layers tiny-sdxl --select "cross,res=16"
     attnctrl tokens "a red car and a white sheep" --word sheep
     attnctrl heads search --model tiny-sd --prompts prompts.txt --seeds 2 --rounds 3 --top-k 4 --scorer sharpness -o heads.json
     attnctrl app
 
-One module per subcommand (`generate`, `inspect`: layers and tokens, `heads`, `app`), all on
+One module per subcommand (`generate`, `batch`, `inspect`: layers and tokens, `heads`, `app`), all on
 `common`. Bad input exits with status 2 and one line ``attnctrl: error: ...`` on stderr. Set
 ``ATTNCTRL_DEBUG=1`` to get the traceback instead.
 """
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from attnctrl.models.tiny import TINY_MODELS
 
     from .app import add_app_parser
+    from .batch import add_batch_parser
     from .generate import add_generate_parser
     from .heads import add_heads_parser
     from .inspect import add_inspect_parsers
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_generate_parser(sub, models)
+    add_batch_parser(sub, models)
     add_inspect_parsers(sub, models)
     add_heads_parser(sub, models)
     add_app_parser(sub, models)
@@ -86,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as done:  # --help / --version
             return done.code if isinstance(done.code, int) else 0
         if args.command is None:
-            raise UsageError(f"choose a command: generate, layers, tokens, heads or app (see '{PROG} --help')")
+            raise UsageError(f"choose a command: generate, batch, layers, tokens, heads or app (see '{PROG} --help')")
         with warnings.catch_warnings():
             warnings.simplefilter("always", VocabularyWarning)
             warnings.showwarning = _show_warning
