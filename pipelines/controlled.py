@@ -17,7 +17,7 @@ from attnctrl.processors.install import installed
 from attnctrl.run_args import ModelFacts, VocabularyWarning, check_run, check_seed
 from attnctrl.state import BatchLayout, RunContext
 
-from .adapters import ADAPTERS
+from .adapters import PIPELINE_ADAPTERS, adapter_for
 from .adapters.base import call_defaults
 from .facts import set_run_facts
 from .loop import denoise_loop
@@ -64,14 +64,16 @@ class ControlledPipeline:
             pipe = pipe.pipe
         self.pipe = pipe
         self.family = family_of(pipe)
-        expected = TEXT_TO_IMAGE[self.family]
-        if not any(cls.__name__ == expected for cls in type(pipe).__mro__):
+        adapter = adapter_for(pipe)
+        if adapter is None or adapter.family != self.family:
+            expected = TEXT_TO_IMAGE[self.family]
+            runs = ", ".join(k for k, a in PIPELINE_ADAPTERS.items() if a.family == self.family)
             raise TypeError(
-                f"ControlledPipeline runs text-to-image {expected}s; got {type(pipe).__name__}. "
-                f"Convert it with diffusers.{expected}.from_pipe(pipe), or use ac.attach(pipe, controls) "
+                f"ControlledPipeline runs {runs}; got {type(pipe).__name__}. "
+                f"Convert it with e.g. diffusers.{expected}.from_pipe(pipe), or use ac.attach(pipe, controls) "
                 "for attention-level controls on this pipeline as it is"
             )
-        self.adapter = ADAPTERS[self.family]()
+        self.adapter = adapter()
         #: call defaults that override the wrapped pipeline's own (e.g. a tiny model's short T5 length)
         self.defaults = dict(defaults or {})
         self._layers: tuple | None = None
@@ -136,6 +138,9 @@ class ControlledPipeline:
             raise TypeError(
                 f"{type(self.pipe).__name__} has no argument(s) {unknown}; valid: {', '.join(sorted(defaults))}"
             )
+        missing = [k for k in self.adapter.required if kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"{type(self.pipe).__name__} needs {', '.join(missing)}=")
         used = [k for k in self.adapter.unsupported if kwargs.get(k) is not None]
         if used:
             raise NotImplementedError(f"attnctrl does not support {used} for {self.family} pipelines yet")
@@ -152,6 +157,8 @@ class ControlledPipeline:
         self, prompt=None, *, controls: Sequence[Control] | Control | None = None, seed: int | None = None, **kwargs
     ):
         chosen, pano = split_panorama(check_controls(controls), self.family)
+        if pano is not None and self.adapter.kind != "text2image":
+            raise NotImplementedError(f"ac.Panorama runs text-to-image pipelines, not {type(self.pipe).__name__}")
         kw, notes = self._arguments(prompt, seed, kwargs)
         output_type = kw.pop("output_type") or "pil"
         return_dict = kw.pop("return_dict")

@@ -8,6 +8,7 @@ for each step i, timestep t:
     guided  = c.combine(run, preds, guided)             # e.g. PAG: + s(ε_c − ε_ptb)
     guided  = rescale(guided, ε_c)                      # guidance_rescale, last, as diffusers' PAG pipelines
     latents = scheduler.step(guided, t, latents)
+    latents = adapter.after_step(pipe, prep, i, latents)  # the pipeline kind's own (inpainting's blend)
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def denoise_loop(
                 guided = c.combine(run, preds, guided)
             guided = rescale(prep, preds, guided)
             latents = adapter.step(pipe, prep, guided, t, latents)
+            latents = adapter.after_step(pipe, prep, i, latents)
             for c in watchers:
                 c.after_step(run, latents)
             if callback_on_step_end is not None:

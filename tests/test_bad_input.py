@@ -48,10 +48,10 @@ def test_unknown_model_name_lists_embedded_models():
     assert "tiny-flux" in str(err.value)
 
 
-def test_non_text_to_image_pipeline_is_refused_with_a_way_out(tiny):
-    from diffusers import StableDiffusionImg2ImgPipeline
+def test_unlisted_pipeline_kind_is_refused_with_a_way_out(tiny):
+    from diffusers import StableDiffusion3Img2ImgPipeline
 
-    img2img = StableDiffusionImg2ImgPipeline.from_pipe(tiny("tiny-sd"))
+    img2img = StableDiffusion3Img2ImgPipeline.from_pipe(tiny("tiny-sd3"))
     with pytest.raises(TypeError, match="from_pipe"):
         ControlledPipeline(img2img)
 

@@ -2,10 +2,27 @@
 
 from .base import Adapter, Prepared
 from .flux import FluxAdapter
+from .image_kinds import SDImg2ImgAdapter, SDInpaintAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 ADAPTERS = {"sd": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "flux": FluxAdapter}
 
-__all__ = ["Adapter", "Prepared", "ADAPTERS"]
+#: the diffusers pipeline classes `ControlledPipeline` runs, by class name (a subclass counts), and their adapter
+PIPELINE_ADAPTERS: dict[str, type[Adapter]] = {
+    "StableDiffusionPipeline": SDAdapter,
+    "StableDiffusionImg2ImgPipeline": SDImg2ImgAdapter,
+    "StableDiffusionInpaintPipeline": SDInpaintAdapter,
+    "StableDiffusionXLPipeline": SDXLAdapter,
+    "StableDiffusion3Pipeline": SD3Adapter,
+    "FluxPipeline": FluxAdapter,
+}
+
+
+def adapter_for(pipe) -> type[Adapter] | None:
+    """The adapter class for a pipeline object: its own class or the nearest base class listed."""
+    return next((PIPELINE_ADAPTERS[c.__name__] for c in type(pipe).__mro__ if c.__name__ in PIPELINE_ADAPTERS), None)
+
+
+__all__ = ["Adapter", "Prepared", "ADAPTERS", "PIPELINE_ADAPTERS", "adapter_for"]

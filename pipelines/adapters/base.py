@@ -19,7 +19,8 @@ class Prepared:
 
     `cond` / `uncond` hold the model keyword arguments that have one row per image (tensors, or
     nested dicts of tensors) for the conditional / unconditional branch; `shared` holds those
-    that are the same for every row. `grid` is the denoiser's image-token grid (h, w).
+    that are the same for every row; per-row keys starting with "_" are inputs the adapter itself
+    consumes in `predict` (e.g. inpainting's mask channels). `grid` is the denoiser's image-token grid (h, w).
     """
 
     latents: torch.Tensor
@@ -37,6 +38,8 @@ class Prepared:
     extra_step: dict = field(default_factory=dict)
     decode: dict = field(default_factory=dict)
     num_warmup: int = 0
+    #: tensors of one pipeline kind that are not model inputs (e.g. inpainting's image latents and mask)
+    kind: dict = field(default_factory=dict)
 
     @property
     def cfg(self) -> bool:
@@ -75,6 +78,9 @@ class Adapter:
     """Family adapter: subclasses implement the five methods below."""
 
     family = "base"
+    #: the pipeline kind (text2image, img2img, inpaint); `required` are call arguments it cannot run without
+    kind = "text2image"
+    required: tuple[str, ...] = ()
     #: stock `__call__` arguments this adapter does not implement (error if the user sets them)
     unsupported: tuple[str, ...] = ()
 
@@ -89,6 +95,10 @@ class Adapter:
 
     def step(self, pipe, prep: Prepared, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return pipe.scheduler.step(noise, t, latents, **prep.extra_step, return_dict=False)[0]
+
+    def after_step(self, pipe, prep: Prepared, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The kind's own latent update after scheduler step `i` (inpainting's blend); identity here."""
+        return latents
 
     def decode(self, pipe, prep: Prepared, latents: torch.Tensor, output_type: str):
         """Returns (images, nsfw flags or None)."""

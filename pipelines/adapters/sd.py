@@ -29,6 +29,13 @@ class SDAdapter(Adapter):
         )
         return timesteps, steps, latents
 
+    def _start(self, pipe, kw: dict, prompts: int, n: int, h: int, w: int, dtype, device):
+        """Timesteps, start latents, extra per-row model inputs and kind-specific tensors (`Prepared.kind`).
+
+        Text-to-image here; the image-conditioned kinds (`adapters.image_kinds`) override it."""
+        timesteps, steps, latents = self._timesteps_and_latents(pipe, kw, prompts * n, h, w, dtype, device)
+        return timesteps, steps, latents, {}, {}
+
     def _timestep_cond(self, pipe, guidance_scale, n, latents):
         if pipe.unet.config.time_cond_proj_dim is None:
             return None
@@ -38,7 +45,7 @@ class SDAdapter(Adapter):
 
     def _common(self, pipe, kw):
         """Size, flags and timesteps shared by SD and SDXL."""
-        h, w = kw["height"], kw["width"]
+        h, w = kw.get("height"), kw.get("width")  # img2img has neither
         if not h or not w:
             h, w = default_size(pipe)
         pipe._guidance_scale = kw["guidance_scale"]
@@ -68,7 +75,7 @@ class SDAdapter(Adapter):
             lora_scale=lora_scale,
             clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps, latents = self._timesteps_and_latents(pipe, kw, len(prompts) * n, h, w, pe.dtype, device)
+        timesteps, steps, latents, per_row, kind = self._start(pipe, kw, len(prompts), n, h, w, pe.dtype, device)
         shared = {"timestep_cond": self._timestep_cond(pipe, kw["guidance_scale"], len(prompts) * n, latents)}
         if kw.get("cross_attention_kwargs"):
             shared["cross_attention_kwargs"] = kw["cross_attention_kwargs"]
@@ -76,8 +83,8 @@ class SDAdapter(Adapter):
             latents=latents,
             timesteps=timesteps,
             num_steps=steps,
-            cond={"encoder_hidden_states": pe},
-            uncond={"encoder_hidden_states": npe} if cfg else None,
+            cond={"encoder_hidden_states": pe, **per_row},
+            uncond={"encoder_hidden_states": npe, **per_row} if cfg else None,
             shared=shared,
             guidance_scale=kw["guidance_scale"],
             guidance_rescale=kw.get("guidance_rescale", 0.0),
@@ -87,6 +94,7 @@ class SDAdapter(Adapter):
             extra_step=pipe.prepare_extra_step_kwargs(kw.get("generator"), kw.get("eta", 0.0)),
             decode={"generator": kw.get("generator"), "dtype": pe.dtype},
             num_warmup=len(timesteps) - steps * pipe.scheduler.order,
+            kind=kind,
         )
 
     def model_input(self, pipe, x, t):

@@ -1,0 +1,143 @@
+"""Pipeline kinds beyond text-to-image: disabled equals stock, controls run, extra branches get every row input."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPAGImg2ImgPipeline,
+    StableDiffusionPAGInpaintPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+
+import attnctrl as ac
+from attnctrl.pipelines import ControlledPipeline
+from conftest import _cached, call_kwargs
+
+PROMPTS = ["a red car and a white sheep", "a dog sitting on a blue bench"]
+SIZE = 64  # the tiny models' pixel size
+
+
+def init_image() -> Image.Image:
+    g = torch.Generator().manual_seed(7)
+    pixels = (torch.rand(SIZE, SIZE, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def mask_image() -> Image.Image:
+    """White (repaint) on the left half, black (keep) on the right."""
+    m = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    m[:, : SIZE // 2] = 255
+    return Image.fromarray(m)
+
+
+def _inpaint_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The tiny SD UNet's architecture with 9 input channels (latents, mask, masked image), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20)
+        return UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
+
+
+@functools.cache
+def kind_pipe(kind: str):
+    parts = _cached("tiny-sd").components
+    if kind == "img2img":
+        pipe = StableDiffusionImg2ImgPipeline(**parts)
+    elif kind == "inpaint":
+        pipe = StableDiffusionInpaintPipeline(**parts)
+    else:
+        pipe = StableDiffusionInpaintPipeline(**{**parts, "unet": _inpaint_unet(parts["unet"])})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+KINDS = ["img2img", "inpaint", "inpaint9"]
+PAG_OF = {"img2img": StableDiffusionPAGImg2ImgPipeline}
+
+
+def kind_kwargs(kind: str, **extra) -> dict:
+    kw = call_kwargs("tiny-sd", **{"num_inference_steps": 4, "image": init_image(), **extra})
+    if kind.startswith("inpaint"):
+        kw.setdefault("mask_image", mask_image())
+        kw.setdefault("strength", 0.75)
+    return kw
+
+
+def stock(pipe, prompt, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_no_controls_equals_stock(kind, guidance):
+    pipe = kind_pipe(kind)
+    kw = kind_kwargs(kind, num_images_per_prompt=2, guidance_scale=guidance)
+    ref = stock(pipe, PROMPTS, **kw)
+    out = ControlledPipeline(pipe)(PROMPTS, seed=0, **kw)
+    assert out.images.shape == ref.shape
+    assert (out.images - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoded_images_equal_stock(kind):
+    pipe = kind_pipe(kind)
+    kw = kind_kwargs(kind, output_type="np", num_inference_steps=2)
+    ref = stock(pipe, PROMPTS[0], **kw)
+    out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, **kw)
+    assert abs(out.images - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_maps_are_distributions_over_text_and_change_nothing(kind):
+    pipe = kind_pipe(kind)
+    kw = kind_kwargs(kind, num_images_per_prompt=2)
+    ref = stock(pipe, PROMPTS, **kw)
+    out = ControlledPipeline(pipe)(PROMPTS, seed=0, controls=[ac.AttentionMaps()], **kw)
+    assert (out.images - ref).abs().max().item() <= 1e-5
+    assert out.maps.num_images == 4
+    for (h, w), m in out.maps.by_res.items():
+        assert (m >= 0).all()
+        assert torch.allclose(m.sum(1), torch.ones(4, h, w), atol=1e-5)
+
+
+def _diffusers_pag(kind: str, **kw):
+    base = PAG_OF.get(kind, StableDiffusionPAGInpaintPipeline)
+    pag = base.from_pipe(kind_pipe(kind), pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    return stock(pag, PROMPTS[0], pag_scale=2.0, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pag_matches_diffusers_pag_pipeline_of_the_kind(kind):
+    """diffusers' PAG img2img / inpaint pipelines give the perturbed rows the conditional branch's
+    inputs (for a 9-channel UNet: its mask and masked-image channels); so must the extra branch here."""
+    kw = kind_kwargs(kind)
+    ref = _diffusers_pag(kind, **kw)
+    out = ControlledPipeline(kind_pipe(kind))(PROMPTS[0], seed=0, controls=[ac.PAG("mid", scale=2.0)], **kw)
+    assert (out.images - ref).abs().max().item() <= 1e-5
+    assert (out.images - stock(kind_pipe(kind), PROMPTS[0], **kw)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("controls", [[], [ac.PAG(scale=2.0)], [ac.AttentionMaps()]])
+def test_four_channel_inpainting_keeps_the_unmasked_region_on_the_init_latents(controls):
+    """After the last step the kept (black) half is the init image's latents exactly, whatever the
+    controls: the VAE's sample of the init image is the generator's first draw, as in stock."""
+    pipe = kind_pipe("inpaint")
+    out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, controls=controls, **kind_kwargs("inpaint"))
+    image = pipe.image_processor.preprocess(init_image(), height=SIZE, width=SIZE)
+    init = pipe._encode_vae_image(image, generator=torch.Generator().manual_seed(0))
+    half = SIZE // 4  # the latent grid is SIZE // 2 wide; the mask's right half is 0 (keep)
+    assert torch.equal(out.images[..., half:], init[..., half:])
+    assert (out.images[..., :half] - init[..., :half]).abs().max().item() > 1e-2  # the white half was repainted
+
+
+def test_missing_image_and_panorama_are_refused_before_work():
+    pipe = ControlledPipeline(kind_pipe("inpaint"))
+    with pytest.raises(ValueError, match="mask_image"):
+        pipe(PROMPTS[0], image=init_image(), num_inference_steps=2)
+    with pytest.raises(NotImplementedError, match="text-to-image"):
+        pipe(PROMPTS[0], controls=[ac.Panorama(view=32)], **kind_kwargs("inpaint"))
