@@ -13,6 +13,7 @@ layer needs explicit probabilities (DESIGN rule 1).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from .layers import LayerInfo
 from .state import RunContext
 
 Chain = list  # list[tuple[Control, frozenset[int] | None]]
+logger = logging.getLogger("attnctrl")
 
 
 @dataclass
@@ -52,6 +54,9 @@ class AttentionCall:
     module: Any = None
     heads: frozenset[int] | None = None
     extras: dict = field(default_factory=dict)
+    #: the user's attention backend for this layer, when it is not PyTorch's SDPA: ``backend(q, k, v,
+    #: scale)`` → (B, H, Lq, D), with its name in ``backend.name`` (set by processors, see `attend`)
+    backend: Any = None
 
     @property
     def batch(self) -> int:
@@ -142,8 +147,12 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
             fused = sdpa_with_lse(call.q, call.k, call.v, bias, sdpa_scale(call.scale, call.q.shape[-1]))
         if fused is not None:
             o, lse = fused
+        elif call.backend is not None and bias is None and skip is None and not observed:
+            o = call.backend(call.q, call.k, call.v, sdpa_scale(call.scale, call.q.shape[-1]))
         else:
             o = _sdpa(call, bias, skip)
+    if call.backend is not None and (readers or observed or bias is not None or skip is not None):
+        _say_native_once(call, chain)
     for block, observers in observed:
         p_block = block_probs(call.q, call.k, call.scale, bias, block, lse=lse)
         for control, heads in observers:
@@ -155,6 +164,23 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
             o = control.out(call, o)
     call.heads = None
     return o
+
+
+_SAID: set[tuple[str, str]] = set()
+
+
+def _say_native_once(call: AttentionCall, chain: Chain) -> None:
+    """Log, once per backend and control, that a layer left the user's backend for native SDPA."""
+    names = ", ".join(type(c).__name__ for c, _ in chain)
+    key = (str(call.backend.name), names)
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.warning(
+            "attnctrl: layers with %s run PyTorch's SDPA instead of the %s attention backend "
+            "(they need a mask, skipped rows or probabilities that backend does not give)",
+            names,
+            call.backend.name,
+        )
 
 
 def active_chain(run: RunContext, layer_name: str) -> Chain:

@@ -14,6 +14,8 @@ from attnctrl.attention import AttentionCall, active_chain, attend, layer_scale
 from attnctrl.layers import LayerInfo
 from attnctrl.state import RunContext
 
+from .backend import user_backend
+
 
 class FluxAttnProcessor:
     """Controlled replacement of one FLUX attention layer's processor."""
@@ -67,6 +69,7 @@ class FluxAttnProcessor:
             mask=attention_mask,
             module=attn,
             extras={"rope": image_rotary_emb},
+            backend=user_backend(self.original),
         )
         out = attend(call, chain)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
