@@ -107,12 +107,12 @@ def block_probs(
     out = torch.empty(shape, dtype=torch.float32, device=q.device)
     for s in range(0, nq, step):
         e = min(nq, s + step)
-        logits = torch.matmul(qb[:, :, s:e].float(), kf.transpose(-1, -2)) * scale
+        logits = torch.matmul(qb[:, :, s:e].float() * scale, kf.transpose(-1, -2))  # in place from here on
         if bb is not None:
             part = bb if bb.shape[2] == 1 else bb[:, :, q0 + s : q0 + e]
-            logits = logits + part.float()
+            logits.add_(part.float())
         if lb is not None:
-            p = torch.exp(logits - lb[:, :, s:e, None])
+            p = logits.sub_(lb[:, :, s:e, None]).exp_()
         else:
             p = torch.exp(logits[..., block.keys] - torch.logsumexp(logits, dim=-1, keepdim=True))
         if block.mean_heads:
