@@ -139,22 +139,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
     state.wait_for_everyone()
     done = manifest.finished(out, keys)
     pending = [j for j in jobs if j.index not in done]
-    state.wait_for_everyone()  # every process has read the manifest before any writes to it
-    load, failed = Pipelines(state.device), 0
     before = manifest.part_lines(out)
+    state.wait_for_everyone()  # every process has read the manifest before any writes to it
+    load = Pipelines(state.device)
     with state.split_between_processes(pending) as mine, manifest.PartWriter(out, state.process_index) as part:
         bar = _progress(state, len(pending), len(mine), args.no_progress)
         for job in mine:
-            entry = run_job(job, out, load)
-            failed += entry["status"] != "ok"
-            part.write(entry)
+            part.write(run_job(job, out, load))
             bar.update(manifest.part_lines(out) - before - bar.n if state.is_main_process else 1)
         state.wait_for_everyone()
         bar.update(len(pending) - bar.n if state.is_main_process else 0)
         bar.close()
+    if state.is_main_process:
+        entries = manifest.merge(out, keys)
+    state.wait_for_everyone()  # no process ends (which makes a launcher stop the others) before the merge
     if not state.is_main_process:
-        return 1 if failed else 0
-    entries = manifest.merge(out, keys)
+        return 0  # the run's status is the main process's
     bad = sum(e["status"] != "ok" for e in entries)
     print(
         f"{out / manifest.MANIFEST}: {len(jobs)} jobs, {len(entries) - bad} ok, {bad} failed; "
