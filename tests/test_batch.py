@@ -221,7 +221,7 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_give_one_process_results(launcher, reference, tmp_path):
     proc = batch_run(2, tmp_path, launcher)
-    assert proc.returncode != 0  # the failing job (recorded) makes the run's status non-zero
+    assert proc.returncode == 1  # the failing job (recorded) makes the run's status 1
     assert "6 jobs, 5 ok, 1 failed; 6 run now on 2 process(es)" in proc.stdout, proc.stderr
     out = tmp_path / "res"
     assert (out / "manifest.jsonl").read_bytes() == (reference / "manifest.jsonl").read_bytes()
@@ -251,6 +251,7 @@ def test_killed_run_resumes_without_redoing_jobs(reference, tmp_path):
     before = {k: v for k, v in stamps(tmp_path / "res").items() if k in finished}
 
     again = batch_run(2, tmp_path)  # resumed on two processes
+    assert again.returncode == 1, again.stderr  # the failing job again
     assert f"6 jobs, 5 ok, 1 failed; {len(JOBS) - len(done)} run now on 2 process(es), {len(done)} done before" in (
         again.stdout
     ), again.stderr
