@@ -127,11 +127,31 @@ class AttentionMapResult:
         return maps[self.token_indices(image, word)].sum(0)
 
     def words(self, image: int, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        """Map of every word of image `image`'s prompt, in prompt order (repeats as "word#2")."""
-        from .tokens import word_labels
+        """Map of every word of image `image`'s prompt that the encoder saw, in prompt order (repeats
+        as "word#2"); words cut off by the encoder's length are left out (`truncated` lists them)."""
+        from .tokens import TruncatedError, word_labels
 
         maps = self.combined(size)[image]  # once, not per word
-        return {label: maps[self.token_indices(image, label)].sum(0) for label in word_labels(self.prompt_of(image))}
+        out = {}
+        for label in word_labels(self.prompt_of(image)):
+            try:
+                out[label] = maps[self.token_indices(image, label)].sum(0)
+            except TruncatedError:
+                continue
+        return out
+
+    def truncated(self, image: int) -> list[str]:
+        """Words of image `image`'s prompt (labels as in `words`) that lie wholly or partly beyond the
+        text encoder's length, so the model never saw them (or all of them)."""
+        from .tokens import TruncatedError, word_labels
+
+        cut = []
+        for label in word_labels(self.prompt_of(image)):
+            try:
+                self.token_indices(image, label)
+            except TruncatedError:
+                cut.append(label)
+        return cut
 
     # ---- rendering ---------------------------------------------------------------------------
     def render(
@@ -144,7 +164,11 @@ class AttentionMapResult:
         grey = grey_base(picture, tile) if picture is not None else None
         for w, m in maps.items():
             tiles.append((w, overlay(m, grey, tile, alpha)))
-        return _grid(tiles, tile, title=self.prompt_of(image))
+        title = self.prompt_of(image)
+        cut = self.truncated(image)
+        if cut:
+            title = f"{title} [truncated by the text encoder: {len(cut)} word(s) from {cut[0]!r}]"
+        return _grid(tiles, tile, title=title)
 
     def save(self, path: str | Path, image: int = 0, picture: Image.Image | None = None) -> Path:
         """Render image `image`'s maps and write them as PNG to `path`."""

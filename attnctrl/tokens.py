@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Union
 __all__ = [
     "TokenSpec",
     "TokenError",
+    "TruncatedError",
     "GroupsLike",
     "parse_groups",
     "TokenRow",
@@ -56,6 +57,10 @@ _T5_DEFAULT = {"sd3": 256, "flux": 512}  # diffusers' default max_sequence_lengt
 
 class TokenError(ValueError):
     """A token spec that does not resolve against a prompt (unknown word, bad index, ...)."""
+
+
+class TruncatedError(TokenError):
+    """A word whose tokens (some or all) lie beyond the text encoder's length: the model never saw it."""
 
 
 GroupsLike = Union[str, Sequence[Union[str, int, Sequence[Union[str, int]]]]]
@@ -363,7 +368,7 @@ def resolve(tokenizer: Any, prompt: str, spec: TokenSpec, *, max_length: int | N
         cut = [k for k in idx if k >= keep]
         if cut:
             part = "entirely" if len(cut) == len(idx) else "partly"
-            raise TokenError(
+            raise TruncatedError(
                 f"{spec.strip()!r} is {part} truncated away: its tokens {idx} lie beyond the encoder's "
                 f"{limit}-token limit (the last prompt token kept is index {keep - 1}); shorten the prompt"
             )

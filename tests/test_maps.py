@@ -6,7 +6,7 @@ from PIL import Image
 
 import attnctrl as ac
 from attnctrl.pipelines import ControlledPipeline
-from attnctrl.tokens import TokenError
+from attnctrl.tokens import TokenError, TruncatedError
 from conftest import call_kwargs
 
 PROMPTS = ["a red car and a white sheep", "a dog on a blue bench"]
@@ -114,3 +114,20 @@ def test_repeated_words_in_any_case_get_their_own_maps(tiny):
     combined = out.maps.combined()[0]
     for label, token in zip(words, [1, 2, 3, 4, 5]):  # CLIP: <|startoftext|> a cat and a cat
         assert torch.equal(words[label], combined[token])
+
+
+def test_a_long_prompt_keeps_the_maps_of_what_the_encoder_saw_and_names_the_rest(tiny):
+    pipe = ControlledPipeline(tiny("tiny-sd"))
+    prompt = " ".join(["a red car"] * 30) + " and a white sheep"  # 94 words: CLIP keeps 75 prompt tokens
+    out = pipe(prompt, seed=0, controls=[ac.AttentionMaps()], **call_kwargs("tiny-sd", num_inference_steps=1))
+    words = out.maps.words(0)
+    cut = out.maps.truncated(0)
+    assert len(words) == 75 and list(words)[:3] == ["a", "red", "car"]  # one token per word here: 75 kept
+    assert cut[0] == "a#26" and cut[-3:] == ["a#31", "white", "sheep"] and len(words) + len(cut) == 94
+    assert torch.equal(words["car#25"], out.maps.combined()[0, 75])  # the last kept word, token 75
+    with pytest.raises(TruncatedError, match="'sheep' is entirely truncated away"):
+        out.maps.word(0, "sheep")
+    grid = out.maps.render(0)
+    assert grid.width > 0  # renders the kept words (its title names the cut)
+    with pytest.raises(TokenError, match="sheep"):  # a control that names a truncated word fails, before step 1
+        pipe(prompt, seed=0, controls=[ac.AttendExcite(tokens=["sheep"])], **call_kwargs("tiny-sd"))
