@@ -18,7 +18,7 @@ from typing import Any
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part-*.jsonl"
 
-__all__ = ["MANIFEST", "PartWriter", "read_entries", "finished", "merge", "part_lines"]
+__all__ = ["MANIFEST", "PartWriter", "NewLines", "read_entries", "finished", "merge", "remove_stale_temps"]
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -45,9 +45,29 @@ def read_entries(directory: str | Path) -> list[dict[str, Any]]:
     return [e for p in [d / MANIFEST, *_parts(d)] for e in _lines(p)]
 
 
-def part_lines(directory: str | Path) -> int:
-    """How many entries the part files hold now (progress of all processes together)."""
-    return sum(1 for p in _parts(Path(directory)) for _ in _lines(p))
+class NewLines:
+    """Counts the lines appended to the part files since the last call (all processes' progress),
+    reading only what was appended."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.offsets = {p: p.stat().st_size for p in _parts(self.directory)}
+
+    def __call__(self) -> int:
+        n = 0
+        for p in _parts(self.directory):
+            with open(p, "rb") as f:
+                f.seek(self.offsets.get(p, 0))
+                data = f.read()
+            self.offsets[p] = self.offsets.get(p, 0) + len(data)
+            n += data.count(b"\n")
+        return n
+
+
+def remove_stale_temps(directory: str | Path) -> None:
+    """Delete the temporary files a killed run left (``.job-*.tmp``, ``.manifest.jsonl.*.tmp``)."""
+    for p in [*Path(directory).glob(".job-*.tmp"), *Path(directory).glob(f".{MANIFEST}.*.tmp")]:
+        p.unlink(missing_ok=True)
 
 
 def _best(entries: list[dict[str, Any]], keys: Mapping[int, str]) -> dict[int, dict[str, Any]]:

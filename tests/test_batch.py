@@ -256,6 +256,7 @@ def test_killed_run_resumes_without_redoing_jobs(reference, tmp_path):
         again.stdout
     ), again.stderr
     assert {k: v for k, v in stamps(tmp_path / "res").items() if k in finished} == before  # not rewritten
+    assert not list((tmp_path / "res").glob(".*")) and not list((tmp_path / "res").glob("manifest.part-*"))
     assert (tmp_path / "res" / "manifest.jsonl").read_bytes() == (reference / "manifest.jsonl").read_bytes()
     got, want = pngs(tmp_path / "res"), pngs(reference)
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)

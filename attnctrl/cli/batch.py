@@ -134,19 +134,21 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {str(out)!r} is not a directory")
     keys = {j.index: j.key for j in jobs}
     state = _state()
-    if state.is_main_process:
+    if state.is_main_process:  # (one batch at a time writes to a DIR)
         out.mkdir(parents=True, exist_ok=True)
+        manifest.remove_stale_temps(out)
     state.wait_for_everyone()
+    part = manifest.PartWriter(out, state.process_index)
     done = manifest.finished(out, keys)
     pending = [j for j in jobs if j.index not in done]
-    before = manifest.part_lines(out)
+    new_lines = manifest.NewLines(out)
     state.wait_for_everyone()  # every process has read the manifest before any writes to it
     load = Pipelines(state.device)
-    with state.split_between_processes(pending) as mine, manifest.PartWriter(out, state.process_index) as part:
+    with state.split_between_processes(pending) as mine, part:
         bar = _progress(state, len(pending), len(mine), args.no_progress)
         for job in mine:
             part.write(run_job(job, out, load))
-            bar.update(manifest.part_lines(out) - before - bar.n if state.is_main_process else 1)
+            bar.update(new_lines() if state.is_main_process else 1)
         state.wait_for_everyone()
         bar.update(len(pending) - bar.n if state.is_main_process else 0)
         bar.close()
