@@ -10,6 +10,10 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPAGImg2ImgPipeline,
     StableDiffusionPAGInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPAGImg2ImgPipeline,
+    StableDiffusionXLPAGInpaintPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
@@ -42,26 +46,35 @@ def _inpaint_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
 
 
+CLASSES = {
+    "sd": {
+        "img2img": (StableDiffusionImg2ImgPipeline, StableDiffusionPAGImg2ImgPipeline),
+        "inpaint": (StableDiffusionInpaintPipeline, StableDiffusionPAGInpaintPipeline),
+    },
+    "sdxl": {
+        "img2img": (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPAGImg2ImgPipeline),
+        "inpaint": (StableDiffusionXLInpaintPipeline, StableDiffusionXLPAGInpaintPipeline),
+    },
+}
+#: family-kind; "inpaint9" is inpainting with a 9-channel UNet (latents, mask, masked-image latents)
+KINDS = [f"{f}-{k}" for f in ("sd", "sdxl") for k in ("img2img", "inpaint", "inpaint9")]
+
+
 @functools.cache
-def kind_pipe(kind: str):
-    parts = _cached("tiny-sd").components
-    if kind == "img2img":
-        pipe = StableDiffusionImg2ImgPipeline(**parts)
-    elif kind == "inpaint":
-        pipe = StableDiffusionInpaintPipeline(**parts)
-    else:
-        pipe = StableDiffusionInpaintPipeline(**{**parts, "unet": _inpaint_unet(parts["unet"])})
+def kind_pipe(name: str, pag: bool = False):
+    family, kind = name.split("-")
+    parts = _cached(f"tiny-{family}").components
+    if kind == "inpaint9":
+        parts = {**parts, "unet": _inpaint_unet(parts["unet"])}
+    plain, with_pag = CLASSES[family][kind.rstrip("9")]
+    pipe = with_pag(**parts, pag_applied_layers=["mid"]) if pag else plain(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-KINDS = ["img2img", "inpaint", "inpaint9"]
-PAG_OF = {"img2img": StableDiffusionPAGImg2ImgPipeline}
-
-
 def kind_kwargs(kind: str, **extra) -> dict:
-    kw = call_kwargs("tiny-sd", **{"num_inference_steps": 4, "image": init_image(), **extra})
-    if kind.startswith("inpaint"):
+    kw = call_kwargs(f"tiny-{kind.split('-')[0]}", **{"num_inference_steps": 4, "image": init_image(), **extra})
+    if "inpaint" in kind:
         kw.setdefault("mask_image", mask_image())
         kw.setdefault("strength", 0.75)
     return kw
@@ -85,7 +98,7 @@ def test_no_controls_equals_stock(kind, guidance):
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoded_images_equal_stock(kind):
     pipe = kind_pipe(kind)
-    kw = kind_kwargs(kind, output_type="np", num_inference_steps=2)
+    kw = kind_kwargs(kind, output_type="np")
     ref = stock(pipe, PROMPTS[0], **kw)
     out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, **kw)
     assert abs(out.images - ref).max() <= 1e-5
@@ -104,30 +117,29 @@ def test_attention_maps_are_distributions_over_text_and_change_nothing(kind):
         assert torch.allclose(m.sum(1), torch.ones(4, h, w), atol=1e-5)
 
 
-def _diffusers_pag(kind: str, **kw):
-    base = PAG_OF.get(kind, StableDiffusionPAGInpaintPipeline)
-    pag = base.from_pipe(kind_pipe(kind), pag_applied_layers=["mid"])
-    pag.set_progress_bar_config(disable=True)
-    return stock(pag, PROMPTS[0], pag_scale=2.0, **kw)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_pag_matches_diffusers_pag_pipeline_of_the_kind(kind):
     """diffusers' PAG img2img / inpaint pipelines give the perturbed rows the conditional branch's
     inputs (for a 9-channel UNet: its mask and masked-image channels); so must the extra branch here."""
     kw = kind_kwargs(kind)
-    ref = _diffusers_pag(kind, **kw)
+    pag = kind_pipe(kind, pag=True)
+    processors = pag.unet.attn_processors
+    try:
+        ref = stock(pag, PROMPTS[0], pag_scale=2.0, **kw)
+    finally:  # diffusers' SDXL PAG inpainting returns latents before it restores the UNet's processors
+        pag.unet.set_attn_processor(processors)
     out = ControlledPipeline(kind_pipe(kind))(PROMPTS[0], seed=0, controls=[ac.PAG("mid", scale=2.0)], **kw)
     assert (out.images - ref).abs().max().item() <= 1e-5
     assert (out.images - stock(kind_pipe(kind), PROMPTS[0], **kw)).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("controls", [[], [ac.PAG(scale=2.0)], [ac.AttentionMaps()]])
-def test_four_channel_inpainting_keeps_the_unmasked_region_on_the_init_latents(controls):
+@pytest.mark.parametrize("kind", ["sd-inpaint", "sdxl-inpaint"])
+def test_four_channel_inpainting_keeps_the_unmasked_region_on_the_init_latents(kind, controls):
     """After the last step the kept (black) half is the init image's latents exactly, whatever the
     controls: the VAE's sample of the init image is the generator's first draw, as in stock."""
-    pipe = kind_pipe("inpaint")
-    out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, controls=controls, **kind_kwargs("inpaint"))
+    pipe = kind_pipe(kind)
+    out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, controls=controls, **kind_kwargs(kind))
     image = pipe.image_processor.preprocess(init_image(), height=SIZE, width=SIZE)
     init = pipe._encode_vae_image(image, generator=torch.Generator().manual_seed(0))
     half = SIZE // 4  # the latent grid is SIZE // 2 wide; the mask's right half is 0 (keep)
@@ -136,8 +148,8 @@ def test_four_channel_inpainting_keeps_the_unmasked_region_on_the_init_latents(c
 
 
 def test_missing_image_and_panorama_are_refused_before_work():
-    pipe = ControlledPipeline(kind_pipe("inpaint"))
+    pipe = ControlledPipeline(kind_pipe("sd-inpaint"))
     with pytest.raises(ValueError, match="mask_image"):
         pipe(PROMPTS[0], image=init_image(), num_inference_steps=2)
     with pytest.raises(NotImplementedError, match="text-to-image"):
-        pipe(PROMPTS[0], controls=[ac.Panorama(view=32)], **kind_kwargs("inpaint"))
+        pipe(PROMPTS[0], controls=[ac.Panorama(view=32)], **kind_kwargs("sd-inpaint"))

@@ -2,7 +2,7 @@
 
 from .base import Adapter, Prepared
 from .flux import FluxAdapter
-from .image_kinds import SDImg2ImgAdapter, SDInpaintAdapter
+from .image_kinds import SDImg2ImgAdapter, SDInpaintAdapter, SDXLImg2ImgAdapter, SDXLInpaintAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
@@ -15,6 +15,8 @@ PIPELINE_ADAPTERS: dict[str, type[Adapter]] = {
     "StableDiffusionImg2ImgPipeline": SDImg2ImgAdapter,
     "StableDiffusionInpaintPipeline": SDInpaintAdapter,
     "StableDiffusionXLPipeline": SDXLAdapter,
+    "StableDiffusionXLImg2ImgPipeline": SDXLImg2ImgAdapter,
+    "StableDiffusionXLInpaintPipeline": SDXLInpaintAdapter,
     "StableDiffusion3Pipeline": SD3Adapter,
     "FluxPipeline": FluxAdapter,
 }

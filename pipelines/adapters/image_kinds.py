@@ -13,9 +13,24 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 
 from .base import Prepared
 from .sd import SDAdapter
+from .sdxl import SDXLAdapter
 
 #: per-row inputs a 9-channel inpainting UNet takes as extra input channels, in the stock order
 MASK_CHANNELS = ("_mask", "_masked_image_latents")
+
+
+def strength_timesteps(pipe, kw: dict, device):
+    """The scheduler's timesteps, cut to the last `strength` of the run by the pipeline's `get_timesteps`."""
+    timesteps, steps = retrieve_timesteps(
+        pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
+    )
+    timesteps, steps = pipe.get_timesteps(steps, kw["strength"], device)
+    if steps < 1:
+        raise ValueError(
+            f"strength {kw['strength']} leaves {steps} of the {kw['num_inference_steps']} steps: "
+            "pass a larger strength or more steps"
+        )
+    return timesteps, steps
 
 
 class Img2ImgKind:
@@ -26,12 +41,11 @@ class Img2ImgKind:
 
     def _start(self, pipe, kw: dict, prompts: int, n: int, h, w, dtype, device):
         image = pipe.image_processor.preprocess(kw["image"])
-        timesteps, steps = retrieve_timesteps(
-            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
-        )
-        timesteps, steps = pipe.get_timesteps(steps, kw["strength"], device)
+        timesteps, steps = strength_timesteps(pipe, kw, device)
         latent_timestep = timesteps[:1].repeat(prompts * n)
-        latents = pipe.prepare_latents(image, latent_timestep, prompts, n, dtype, device, kw.get("generator"))
+        latents = kw.get("latents")  # SDXL img2img takes given latents as they are
+        if latents is None:
+            latents = pipe.prepare_latents(image, latent_timestep, prompts, n, dtype, device, kw.get("generator"))
         return timesteps, steps, latents, {}, {}
 
 
@@ -44,15 +58,7 @@ class InpaintKind:
     required: tuple[str, ...] = ("image", "mask_image")
 
     def _start(self, pipe, kw: dict, prompts: int, n: int, h, w, dtype, device):
-        timesteps, steps = retrieve_timesteps(
-            pipe.scheduler, kw["num_inference_steps"], device, kw.get("timesteps"), kw.get("sigmas")
-        )
-        timesteps, steps = pipe.get_timesteps(num_inference_steps=steps, strength=kw["strength"], device=device)
-        if steps < 1:
-            raise ValueError(
-                f"strength {kw['strength']} leaves {steps} of the {kw['num_inference_steps']} steps: "
-                "pass a larger strength or more steps"
-            )
+        timesteps, steps = strength_timesteps(pipe, kw, device)
         rows = prompts * n
         latent_timestep = timesteps[:1].repeat(rows)
         init_image = pipe.image_processor.preprocess(kw["image"], height=h, width=w, resize_mode="default")
@@ -78,10 +84,11 @@ class InpaintKind:
         )
         latents, noise = out[0], out[1]
         condition = pipe.mask_processor.preprocess(kw["mask_image"], height=h, width=w, resize_mode="default")
-        given = kw.get("masked_image_latents")
-        masked = init_image * (condition < 0.5) if given is None else given
+        masked = kw.get("masked_image_latents")
+        if masked is None and not (self.family == "sdxl" and init_image.shape[1] == 4):  # type: ignore[attr-defined]
+            masked = init_image * (condition < 0.5)
         mask, masked_latents = pipe.prepare_mask_latents(condition, masked, rows, h, w, dtype, device, generator, False)
-        if unet_channels == 9:
+        if unet_channels == 9 and masked_latents is not None:
             return timesteps, steps, latents, {"_mask": mask, "_masked_image_latents": masked_latents}, {}
         return timesteps, steps, latents, {}, {"image_latents": out[2], "noise": noise, "mask": mask}
 
@@ -107,3 +114,35 @@ class SDImg2ImgAdapter(Img2ImgKind, SDAdapter):
 
 class SDInpaintAdapter(InpaintKind, SDAdapter):
     unsupported = SDAdapter.unsupported + ("padding_mask_crop",)
+
+
+class XLImageTimeIds:
+    """SDXL img2img / inpainting time ids: sizes from the start latents, aesthetic scores when the
+    pipeline's config asks for them (`requires_aesthetics_score`), negative sizes defaulting to the positive."""
+
+    def _time_ids(self, pipe, kw: dict, h, w, latents, dtype, proj_dim):
+        size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
+        original = kw.get("original_size") or size
+        target = kw.get("target_size") or size
+        negative_original = kw.get("negative_original_size")
+        negative_target = kw.get("negative_target_size")
+        return pipe._get_add_time_ids(
+            original,
+            kw["crops_coords_top_left"],
+            target,
+            kw["aesthetic_score"],
+            kw["negative_aesthetic_score"],
+            original if negative_original is None else negative_original,
+            kw["negative_crops_coords_top_left"],
+            target if negative_target is None else negative_target,
+            dtype=dtype,
+            text_encoder_projection_dim=proj_dim,
+        )
+
+
+class SDXLImg2ImgAdapter(Img2ImgKind, XLImageTimeIds, SDXLAdapter):
+    unsupported = SDXLAdapter.unsupported + ("denoising_start",)
+
+
+class SDXLInpaintAdapter(InpaintKind, XLImageTimeIds, SDXLAdapter):
+    unsupported = SDXLAdapter.unsupported + ("denoising_start", "padding_mask_crop")

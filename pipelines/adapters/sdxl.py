@@ -15,8 +15,6 @@ class SDXLAdapter(SDAdapter):
     def prepare(self, pipe, kw) -> Prepared:
         h, w, cfg = self._common(pipe, kw)
         pipe._denoising_end = None
-        original_size = kw.get("original_size") or (h, w)
-        target_size = kw.get("target_size") or (h, w)
         pe_in = kw.get("prompt_embeds")
         prompts = prompt_list(kw["prompt"], None if pe_in is None else pe_in.shape[0])
         device = pipe._execution_device
@@ -37,33 +35,15 @@ class SDXLAdapter(SDAdapter):
             lora_scale=lora_scale,
             clip_skip=kw.get("clip_skip"),
         )
-        timesteps, steps, latents = self._timesteps_and_latents(pipe, kw, len(prompts) * n, h, w, pe.dtype, device)
+        timesteps, steps, latents, per_row, kind = self._start(pipe, kw, len(prompts), n, h, w, pe.dtype, device)
         proj_dim = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids(
-            original_size,
-            kw.get("crops_coords_top_left", (0, 0)),
-            target_size,
-            dtype=pe.dtype,
-            text_encoder_projection_dim=proj_dim,
-        )
-        if kw.get("negative_original_size") is not None and kw.get("negative_target_size") is not None:
-            neg_time_ids = pipe._get_add_time_ids(
-                kw["negative_original_size"],
-                kw.get("negative_crops_coords_top_left", (0, 0)),
-                kw["negative_target_size"],
-                dtype=pe.dtype,
-                text_encoder_projection_dim=proj_dim,
-            )
-        else:
-            neg_time_ids = time_ids
+        time_ids, neg_time_ids = self._time_ids(pipe, kw, h, w, latents, pe.dtype, proj_dim)
         rows = len(prompts) * n
 
         def branch(embeds, pooled_embeds, ids):
             added = {"text_embeds": pooled_embeds.to(device), "time_ids": ids.to(device).repeat(rows, 1)}
-            return {"encoder_hidden_states": embeds.to(device), "added_cond_kwargs": added}
+            return {"encoder_hidden_states": embeds.to(device), "added_cond_kwargs": added, **per_row}
 
-        if hasattr(pipe.scheduler, "set_begin_index"):
-            pipe.scheduler.set_begin_index(0)
         shared = {"timestep_cond": self._timestep_cond(pipe, kw["guidance_scale"], rows, latents)}
         if kw.get("cross_attention_kwargs"):
             shared["cross_attention_kwargs"] = kw["cross_attention_kwargs"]
@@ -81,7 +61,37 @@ class SDXLAdapter(SDAdapter):
             images=rows,
             extra_step=pipe.prepare_extra_step_kwargs(kw.get("generator"), kw.get("eta", 0.0)),
             num_warmup=max(len(timesteps) - steps * pipe.scheduler.order, 0),
+            kind=kind,
         )
+
+    def _start(self, pipe, kw: dict, prompts: int, n: int, h, w, dtype, device):
+        out = super()._start(pipe, kw, prompts, n, h, w, dtype, device)
+        if hasattr(pipe.scheduler, "set_begin_index"):  # text-to-image starts at the first timestep
+            pipe.scheduler.set_begin_index(0)
+        return out
+
+    def _time_ids(self, pipe, kw: dict, h, w, latents, dtype, proj_dim):
+        """(time ids, negative time ids) of one image, as `StableDiffusionXLPipeline.__call__` makes them."""
+        original_size = kw.get("original_size") or (h, w)
+        target_size = kw.get("target_size") or (h, w)
+        time_ids = pipe._get_add_time_ids(
+            original_size,
+            kw.get("crops_coords_top_left", (0, 0)),
+            target_size,
+            dtype=dtype,
+            text_encoder_projection_dim=proj_dim,
+        )
+        if kw.get("negative_original_size") is not None and kw.get("negative_target_size") is not None:
+            neg_time_ids = pipe._get_add_time_ids(
+                kw["negative_original_size"],
+                kw.get("negative_crops_coords_top_left", (0, 0)),
+                kw["negative_target_size"],
+                dtype=dtype,
+                text_encoder_projection_dim=proj_dim,
+            )
+        else:
+            neg_time_ids = time_ids
+        return time_ids, neg_time_ids
 
     def decode(self, pipe, prep, latents, output_type):
         if output_type == "latent":
