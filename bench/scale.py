@@ -4,12 +4,13 @@ The transformer has FLUX.1-dev's attention shape — 24 heads of 128 dims (3072 
 tokens, 2×2 patches of a 1/8 latent (so ``(size/16)²`` image tokens) — with random weights and one
 double-stream plus one single-stream block (every layer kind, few FLOPs); the text encoders, VAE
 and scheduler are the embedded tiny FLUX's. One denoising step per run, latents out (no decode).
-For each size the variants (stock diffusers, then each control) run in one process, alternating
+Two prompts per run (sharing controls need a second image). For each size the variants (stock diffusers, then each control) run in one process, alternating
 (`harness.compare`); the table gives each variant's median time and peak-memory increment, and
 their ratios to stock, per size, so the growth with tokens reads down a column.
 
     python bench/scale.py                                  # maps at 512², 1024², 2048² (~12 min on 2 cores)
-    python bench/scale.py --sizes 512,1024 --controls maps,maps-full-matrix,pag --repeats 3   # before/after
+    python bench/scale.py --sizes 512,1024 --controls maps,maps-full-matrix --repeats 3   # before/after
+    python bench/scale.py --sizes 512,1024 --controls maps,pag,heads,modulation,shared,isolation,mutual
     python bench/scale.py --dtype bfloat16 --sizes 1024
 
 Targets (issue "Real scale"): maps ≤ 1.15× stock time and ≤ 1.5× stock peak-memory increment at
@@ -49,13 +50,19 @@ class FullMatrixMaps(ac.AttentionMaps):
         return p
 
 
-CONTROLS = {
+CONTROLS = {  # FLUX-appropriate settings of every control that runs on FLUX
     "maps": lambda: ac.AttentionMaps(),
     "pag": lambda: ac.PAG(layers="single", scale=3.0),
+    "heads": lambda: ac.HeadPerturbation(heads="single,heads=0|1|2|3", scale=3.0),
     "modulation": lambda: ac.AttentionModulation(groups="red car;white sheep"),
     "shared": lambda: ac.SharedAttention(),
+    "isolation": lambda: ac.IsolationReposition(["car", "sheep"]),
+    "mutual": lambda: ac.MutualSelfAttention(),
     "maps-full-matrix": FullMatrixMaps,  # the previous maps path, for before/after (needs L×L memory)
 }
+#: two images of one prompt (SharedAttention and MutualSelfAttention share from image 0 to image 1;
+#: the word-taking controls name words of every prompt)
+PROMPTS = [PROMPT, PROMPT]
 
 
 def flux_shaped(dtype: torch.dtype):
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
     )
     print(
         f"# bench/scale.py — FLUX.1-dev-shaped transformer (24×128 heads, 512 text tokens, 1+1 blocks), "
-        f"{args.dtype}, 1 step, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{args.dtype}, 2 images, 1 step, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -113,13 +120,13 @@ def main(argv=None) -> int:
         kw = dict(height=px, width=px, num_inference_steps=1, output_type="latent", max_sequence_length=512)
         variants = {
             "stock": harness.timed_call(
-                lambda gen, keep, kw=kw: pipe(PROMPT, generator=gen, callback_on_step_end=keep, **kw), common
+                lambda gen, keep, kw=kw: pipe(PROMPTS, generator=gen, callback_on_step_end=keep, **kw), common
             )
         }
         for name in names:
             variants[name] = harness.timed_call(
                 lambda gen, keep, kw=kw, name=name: cp(
-                    PROMPT, generator=gen, controls=[CONTROLS[name]()], callback_on_step_end=keep, **kw
+                    PROMPTS, generator=gen, controls=[CONTROLS[name]()], callback_on_step_end=keep, **kw
                 ),
                 common,
             )
