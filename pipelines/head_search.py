@@ -341,6 +341,7 @@ def search_heads(
     kind: str = "identity",
     baseline: bool = True,
     model_id: str | None = None,
+    spread=None,
     **call_kwargs,
 ) -> HeadSearchResult:
     """Greedy HeadHunter search (Ahn et al. 2025) for the self-attention heads to perturb.
@@ -359,6 +360,9 @@ def search_heads(
         progress: a tqdm bar over evaluations.
         baseline: also score the unperturbed images (reported, not used for selection).
         model_id: a label for the model in the result (the cache key also holds a weight fingerprint).
+        spread: ``spread(evaluate, head_sets) -> scores`` runs one round's evaluations (default: one
+            after the other); ``attnctrl heads search`` passes one that splits them across processes,
+            every process then getting all the scores (`generated`/`cached` count this process's).
         **call_kwargs: the pipeline's own arguments (``guidance_scale``, ``height``, ``negative_prompt``...).
     """
     prompts, seeds = _check_inputs(prompts, seeds, rounds, top_k, scale, softness, kind, call_kwargs)
@@ -432,11 +436,12 @@ def search_heads(
         bar.update(1)
         return float(hit["score"])
 
+    run = spread or (lambda fn, head_sets: [fn(heads) for heads in head_sets])
     history: list[dict] = []
     try:
         with _quiet(pipe):
-            base_score = evaluate([]) if baseline else None
-            single = [(h, evaluate([h])) for h in cands]
+            base_score = run(evaluate, [[]])[0] if baseline else None
+            single = list(zip(cands, run(evaluate, [[h] for h in cands])))
             best, score = _argmax(single)
             chosen = [best]
             history.append(
@@ -454,7 +459,7 @@ def search_heads(
                 shortlist = [h for h in ranking if h not in chosen][:top_k]
                 if not shortlist:
                     break
-                tried = [(h, evaluate(chosen + [h])) for h in shortlist]
+                tried = list(zip(shortlist, run(evaluate, [[*chosen, h] for h in shortlist])))
                 h_best, s_best = _argmax(tried)
                 improved = s_best > score
                 history.append(

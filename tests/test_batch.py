@@ -260,3 +260,27 @@ def test_killed_run_resumes_without_redoing_jobs(reference, tmp_path):
     assert (tmp_path / "res" / "manifest.jsonl").read_bytes() == (reference / "manifest.jsonl").read_bytes()
     got, want = pngs(tmp_path / "res"), pngs(reference)
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------------ the same machinery: head search
+
+
+@pytest.mark.slow
+def test_head_search_split_across_two_processes_finds_the_same_heads(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red car and a white sheep\na cat on a mat\n")
+    search = ["-m", "attnctrl", "heads", "search", "--model", "tiny-sd", "--prompts", "prompts.txt", "--seeds", "1"]
+    search += ["--rounds", "3", "--top-k", "2", "--scorer", "sharpness", "--steps", "2", "--no-progress"]
+    search += ["--candidates", "mid,heads=0|1;down_blocks.1,heads=2|3"]
+    one = subprocess.run([sys.executable, *search, "-o", "one.json"], cwd=tmp_path, env=env(), capture_output=True)
+    assert one.returncode == 0, one.stderr
+    two_procs = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    two = subprocess.run(
+        [*two_procs, str(free_port()), *search, "-o", "two.json"], cwd=tmp_path, env=env(), capture_output=True
+    )
+    assert two.returncode == 0, two.stderr
+    # 1 baseline + 4 singles + up to 2 per later round, split between the processes; the same result
+    assert b"9 head sets evaluated;" in one.stdout and b"5 head sets evaluated by process 0 of 2" in two.stdout
+    assert two.stdout.count(b"two.json") == 1  # one report, one file
+    assert (tmp_path / "two.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert len(json.loads((tmp_path / "one.json").read_text())["history"][0]["tried"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "prompts.txt", "two.json"]

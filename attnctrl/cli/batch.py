@@ -21,13 +21,12 @@ import os
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from attnctrl import manifest
 
-from . import common
+from . import common, procs
 from .common import PROG, CLIError, one_line
 from .jobs import Job, read_jobs
 
@@ -51,15 +50,6 @@ def add_batch_parser(sub, models: str) -> None:
     b.add_argument("--out", required=True, metavar="DIR", help="folder for the images and manifest.jsonl")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_batch)
-
-
-def _state():
-    """This process's place: accelerate's `PartialState` (gloo on CPUs when launched several times)."""
-    import torch
-    from accelerate import PartialState
-
-    launched = "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=timedelta(days=7))
 
 
 class Pipelines:
@@ -133,7 +123,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} is not a directory")
     keys = {j.index: j.key for j in jobs}
-    state = _state()
+    state = procs.state()
     if state.is_main_process:  # (one batch at a time writes to a DIR)
         out.mkdir(parents=True, exist_ok=True)
         manifest.remove_stale_temps(out)

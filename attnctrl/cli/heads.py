@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import common
+from . import common, procs
 from .common import PROG, CLIError, Parser, UsageError, float_arg, positive_float, positive_int, read_prompts
 
 
@@ -115,7 +115,12 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
         raise CLIError(f"cache {args.cache!r} is not a directory")
     out = Path(args.output)
     outputs = common.Outputs([out], suffix=".json", why="HeadPerturbation(heads=...) reads .json files")
+    say = print  # launched on several processes (accelerate launch, torchrun): rank 0 reports and writes
     try:
+        state = procs.state()
+        if not state.is_main_process:
+            outputs.discard()
+            say = lambda *a, **k: None
         model = model_key(args.model)
         pipe = common.load_model(args.model)
         steps = args.steps if args.steps is not None else (4 if model in TINY_MODELS else None)
@@ -131,7 +136,7 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
         cands = candidate_heads(pipe, candidates, args.height, args.width)
         seeds = list(range(args.seeds))
         n_layers = len({layer for layer, _ in cands})
-        print(
+        say(
             f"{model} ({pipe.family}): {len(cands)} candidate heads in {n_layers} layer{'s' * (n_layers != 1)}; "
             f"{len(prompts)} prompt{'s' * (len(prompts) != 1)} x {len(seeds)} seed{'s' * (len(seeds) != 1)}; "
             f"scorer {args.scorer}",
@@ -152,25 +157,28 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
             cache_dir=args.cache,
             progress=not args.no_progress,
             model_id=model,
+            spread=procs.spreader(state),
             **kw,
         )
         if result.baseline is not None:
-            print(f"baseline (no perturbation)  {result.baseline:.6g}")
+            say(f"baseline (no perturbation)  {result.baseline:.6g}")
         for entry in result.history:
             tried = len(entry["tried"])
             if entry["picked"] is not None:
                 layer, head = entry["picked"]
-                print(f"round {entry['round']}  + {layer} head {head}  {entry['score']:.6g}  ({tried} tried)")
+                say(f"round {entry['round']}  + {layer} head {head}  {entry['score']:.6g}  ({tried} tried)")
             else:
-                print(f"round {entry['round']}  no addition improves {entry['score']:.6g} ({tried} tried): stop")
+                say(f"round {entry['round']}  no addition improves {entry['score']:.6g} ({tried} tried): stop")
         cached = f", {result.cached} read from {result.cache_file}" if result.cached else ""
-        print(
-            f"{result.generated} head sets evaluated{cached}; {len(result.heads)} "
+        by = f" by process 0 of {state.num_processes}" if state.num_processes > 1 else ""
+        say(
+            f"{result.generated} head sets evaluated{by}{cached}; {len(result.heads)} "
             f"head{'s' * (len(result.heads) != 1)}, score {result.score:.6g}"
         )
-        result.to_json(outputs.temps[0])
-        outputs.commit()
+        if state.is_main_process:
+            result.to_json(outputs.temps[0])
+            outputs.commit()
     finally:
         outputs.discard()
-    print(out)
+    say(out)
     return 0
