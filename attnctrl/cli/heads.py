@@ -123,6 +123,8 @@ def _cmd_heads_search(args: argparse.Namespace) -> int:
             say = lambda *a, **k: None
         model = model_key(args.model)
         pipe = common.load_model(args.model)
+        if state.num_processes > 1 and state.device.type != "cpu":  # launched: each process on its GPU
+            pipe = pipe.to(state.device)
         steps = args.steps if args.steps is not None else (4 if model in TINY_MODELS else None)
         kw: dict[str, Any] = {}
         for key, value in (
