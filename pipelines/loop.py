@@ -81,7 +81,8 @@ def denoise_loop(
         try:
             assert run.state is not None  # the loop sets it before any latent update
             t = timesteps[run.state.index]
-            return adapter.predict(pipe, adapter.model_input(pipe, x, t), t, prep.cond, prep.shared)
+            shared = {**prep.shared, **adapter.step_inputs(prep, run.state.index)}
+            return adapter.predict(pipe, adapter.model_input(pipe, x, t), t, prep.cond, shared)
         finally:
             run.layout = layout
 
@@ -95,7 +96,7 @@ def denoise_loop(
                 latents = c.before_step(run, latents, denoise_cond)
             x = torch.cat([latents] * n) if n > 1 else latents
             x = adapter.model_input(pipe, x, t)
-            noise = adapter.predict(pipe, x, t, rows, prep.shared)
+            noise = adapter.predict(pipe, x, t, rows, {**prep.shared, **adapter.step_inputs(prep, i)})
             preds = layout.split(noise)
             guided = guide(prep, preds)
             for c in combiners:

@@ -153,3 +153,78 @@ def test_missing_image_and_panorama_are_refused_before_work():
         pipe(PROMPTS[0], image=init_image(), num_inference_steps=2)
     with pytest.raises(NotImplementedError, match="text-to-image"):
         pipe(PROMPTS[0], controls=[ac.Panorama(view=32)], **kind_kwargs("sd-inpaint"))
+
+
+# ---- ControlNet (SD) ---------------------------------------------------------------------------
+
+
+@functools.cache
+def controlnet_pipe(pag: bool = False):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline
+
+    parts = _cached("tiny-sd").components
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(30)
+        # one stride-2 conditioning block: the tiny VAE's scale factor is 2
+        net = ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(8, 16)).eval()
+        # from_unet zero-initialises the output convolutions: random ones make the control image count
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+    parts = {**parts, "controlnet": net}
+    if pag:
+        pipe = StableDiffusionControlNetPAGPipeline(**parts, pag_applied_layers=["mid"])
+    else:
+        pipe = StableDiffusionControlNetPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def controlnet_kwargs(**extra) -> dict:
+    return call_kwargs("tiny-sd", **{"num_inference_steps": 4, "image": init_image(), **extra})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"guidance_scale": 1.0},
+        {"controlnet_conditioning_scale": 0.5, "control_guidance_start": 0.25, "control_guidance_end": 0.75},
+        {"output_type": "np"},
+    ],
+)
+def test_controlnet_no_controls_equals_stock(extra):
+    pipe = controlnet_pipe()
+    kw = controlnet_kwargs(num_images_per_prompt=2, **extra)
+    ref = stock(pipe, PROMPTS, **kw)
+    out = ControlledPipeline(pipe)(PROMPTS, seed=0, **kw)
+    assert abs(out.images - ref).max() <= 1e-5
+
+
+def test_controlnet_at_scale_zero_is_the_text_to_image_run():
+    """Zero residuals (scale 0, or every step outside the guidance window) leave the plain UNet."""
+    kw = controlnet_kwargs()
+    plain = stock(_cached("tiny-sd"), PROMPTS[0], **{k: v for k, v in kw.items() if k != "image"})
+    off = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, controlnet_conditioning_scale=0.0, **kw)
+    outside = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, control_guidance_start=1.0, **kw)
+    on = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, **kw)
+    assert (off.images - plain).abs().max().item() <= 1e-6
+    assert (outside.images - plain).abs().max().item() <= 1e-6
+    assert (on.images - plain).abs().max().item() > 1e-3  # the tiny ControlNet's residuals are not zero
+
+
+def test_controlnet_maps_and_pag():
+    """Maps are distributions over text; PAG equals diffusers' ControlNet PAG pipeline, whose
+    perturbed rows get the control image and residuals as the conditional rows do."""
+    kw = controlnet_kwargs(controlnet_conditioning_scale=0.8)
+    out = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, controls=[ac.AttentionMaps()], **kw)
+    assert (out.images - stock(controlnet_pipe(), PROMPTS[0], **kw)).abs().max().item() <= 1e-5
+    for (h, w), m in out.maps.by_res.items():
+        assert torch.allclose(m.sum(1), torch.ones(1, h, w), atol=1e-5)
+    pag = controlnet_pipe(pag=True)
+    processors = pag.unet.attn_processors
+    try:
+        ref = stock(pag, PROMPTS[0], pag_scale=2.0, **kw)
+    finally:
+        pag.unet.set_attn_processor(processors)
+    out = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, controls=[ac.PAG("mid", scale=2.0)], **kw)
+    assert (out.images - ref).abs().max().item() <= 1e-5

@@ -1,6 +1,7 @@
 """One small adapter per model family; see `base.Adapter`."""
 
 from .base import Adapter, Prepared
+from .controlnet import SDControlNetAdapter
 from .flux import FluxAdapter
 from .image_kinds import SDImg2ImgAdapter, SDInpaintAdapter, SDXLImg2ImgAdapter, SDXLInpaintAdapter
 from .sd import SDAdapter
@@ -14,6 +15,7 @@ PIPELINE_ADAPTERS: dict[str, type[Adapter]] = {
     "StableDiffusionPipeline": SDAdapter,
     "StableDiffusionImg2ImgPipeline": SDImg2ImgAdapter,
     "StableDiffusionInpaintPipeline": SDInpaintAdapter,
+    "StableDiffusionControlNetPipeline": SDControlNetAdapter,
     "StableDiffusionXLPipeline": SDXLAdapter,
     "StableDiffusionXLImg2ImgPipeline": SDXLImg2ImgAdapter,
     "StableDiffusionXLInpaintPipeline": SDXLInpaintAdapter,

@@ -96,6 +96,10 @@ class Adapter:
     def step(self, pipe, prep: Prepared, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return pipe.scheduler.step(noise, t, latents, **prep.extra_step, return_dict=False)[0]
 
+    def step_inputs(self, prep: Prepared, i: int) -> dict:
+        """Shared model inputs of step `i` on top of `prep.shared` (ControlNet's scale); none here."""
+        return {}
+
     def after_step(self, pipe, prep: Prepared, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The kind's own latent update after scheduler step `i` (inpainting's blend); identity here."""
         return latents
