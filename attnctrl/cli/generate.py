@@ -174,9 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace, load=common.load_model) -> tuple[int, list[Path]]:
+def generate(args: argparse.Namespace, load=None) -> tuple[int, list[Path]]:
     """Run ``generate``'s parsed arguments: images (and maps) written with their PNG metadata.
-    `load` gives the pipeline of a --model value (``attnctrl batch`` passes its cache). Returns the
+    `load` gives the pipeline of a --model value (default `common.load_model`; ``attnctrl batch``
+    passes its cache). Returns the
     seed used and the files written."""
     import diffusers
     import torch
@@ -209,7 +210,7 @@ def generate(args: argparse.Namespace, load=common.load_model) -> tuple[int, lis
 
     outputs = common.Outputs(image_paths + maps_paths)  # fails here, before any work, if unwritable
     try:
-        pipe = load(args.model)
+        pipe = (load or common.load_model)(args.model)
         defaults = pipe.call_defaults()  # the wrapped pipeline's call defaults with the model's own on top
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
         kw: dict[str, Any] = {
