@@ -177,8 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace, load=None) -> tuple[int, list[Path]]:
     """Run ``generate``'s parsed arguments: images (and maps) written with their PNG metadata.
     `load` gives the pipeline of a --model value (default `common.load_model`; ``attnctrl batch``
-    passes its cache). Returns the
-    seed used and the files written."""
+    passes its cache). Returns the seed used and the files written."""
     import diffusers
     import torch
 
