@@ -17,6 +17,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
+from test_bf16 import CONTROLS as BF16_CONTROLS
 
 import attnctrl as ac
 from attnctrl.pipelines import ControlledPipeline
@@ -228,3 +229,41 @@ def test_controlnet_maps_and_pag():
         pag.unet.set_attn_processor(processors)
     out = ControlledPipeline(controlnet_pipe())(PROMPTS[0], seed=0, controls=[ac.PAG("mid", scale=2.0)], **kw)
     assert (out.images - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd-inpaint9", "controlnet"])
+def test_latent_updates_predict_with_the_kinds_row_inputs(kind):
+    """Attend-and-Excite's gradient step calls the denoiser itself: with the mask channels (9 input
+    channels) for inpainting, through the ControlNet for ControlNet — every call, batched or not."""
+    pipe = controlnet_pipe() if kind == "controlnet" else kind_pipe(kind)
+    kw = controlnet_kwargs() if kind == "controlnet" else kind_kwargs(kind)
+    seen = []
+    hooks = [pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(("unet", args[0].shape[1])))]
+    if kind == "controlnet":
+        hooks.append(pipe.controlnet.register_forward_pre_hook(lambda m, args: seen.append(("net", args[0].shape[0]))))
+    try:
+        out = ControlledPipeline(pipe)(PROMPTS[0], seed=0, controls=[ac.AttendExcite(tokens=["car", "sheep"])], **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.isfinite(out.images).all()
+    unet_calls = [c for w, c in seen if w == "unet"]
+    assert len(unet_calls) > len(pipe.scheduler.timesteps)  # the updates' own calls happened
+    if kind == "controlnet":
+        assert len([c for w, c in seen if w == "net"]) == len(unet_calls)  # one ControlNet call per UNet call
+    else:
+        assert set(unet_calls) == {9}
+
+
+@pytest.mark.slow  # 77 runs, about 90 s on one core
+@pytest.mark.parametrize("kind", [*KINDS, "controlnet"])
+@pytest.mark.parametrize("control", sorted(BF16_CONTROLS))
+def test_every_control_runs_on_every_kind(kind, control):
+    """Each control of the suite's list runs end to end on the kind: finite latents of the stock shape."""
+    pipe = controlnet_pipe() if kind == "controlnet" else kind_pipe(kind)
+    kw = controlnet_kwargs() if kind == "controlnet" else kind_kwargs(kind, strength=0.75)
+    out = ControlledPipeline(pipe)(
+        PROMPTS[0], seed=0, controls=[BF16_CONTROLS[control]()], num_images_per_prompt=2, **kw
+    )
+    assert out.images.shape == (2, 4, SIZE // 2, SIZE // 2)
+    assert torch.isfinite(out.images).all()
