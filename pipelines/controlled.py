@@ -17,7 +17,7 @@ from attnctrl.processors.install import installed
 from attnctrl.run_args import ModelFacts, VocabularyWarning, check_run, check_seed
 from attnctrl.state import BatchLayout, RunContext
 
-from .adapters import PIPELINE_ADAPTERS, adapter_for
+from .adapters import PIPELINE_ADAPTERS, adapter_for, class_for
 from .adapters.base import call_defaults
 from .facts import set_run_facts
 from .loop import denoise_loop
@@ -125,6 +125,18 @@ class ControlledPipeline:
         if name == "pipe":
             raise AttributeError(name)
         return getattr(self.pipe, name)
+
+    def as_kind(self, kind: str) -> ControlledPipeline:
+        """The same components as another pipeline kind ("text2image", "img2img", "inpaint"), via
+        diffusers' `from_pipe` (no weights copied); this wrapper's call defaults carry over."""
+        if kind == self.adapter.kind:
+            return self
+        name = class_for(self.family, kind)
+        if name is None:
+            raise NotImplementedError(f"attnctrl runs no {kind} pipeline for {self.family} models yet")
+        import diffusers
+
+        return ControlledPipeline(getattr(diffusers, name).from_pipe(self.pipe), defaults=self.defaults)
 
     def to(self, *args, **kwargs) -> ControlledPipeline:
         self.pipe.to(*args, **kwargs)

@@ -15,6 +15,7 @@ from attnctrl.reproduce import reproduce_argv
 
 from . import common
 from .common import PROG, CLIError, check_prompt, float_arg, positive_int, read_prompts, seed_int
+from .init_image import add_image_arguments, image_call, read_images
 
 
 class _ControlAction(argparse.Action):
@@ -98,6 +99,7 @@ def add_generate_parser(sub, models: str) -> None:
         action="store_true",
         help="save per-word attention heatmaps next to the image as STEM.maps.png (also done whenever a maps control is given)",
     )
+    add_image_arguments(g)
     g.add_argument("--maps-out", default=None, metavar="PATH", help="where to save the heatmaps (implies --maps)")
     g.add_argument(
         "-o",
@@ -207,6 +209,7 @@ def generate(args: argparse.Namespace, load=None) -> tuple[int, list[Path]]:
         base = Path(args.maps_out) if args.maps_out is not None else None
         maps_paths = [_numbered(base, i, total) if base else _maps_path(p) for i, p in enumerate(image_paths)]
 
+    init_images = read_images(args)  # --image / --mask: unreadable files fail here, before any work
     outputs = common.Outputs(image_paths + maps_paths)  # fails here, before any work, if unwritable
     try:
         pipe = (load or common.load_model)(args.model)
@@ -222,7 +225,8 @@ def generate(args: argparse.Namespace, load=None) -> tuple[int, list[Path]]:
                 kw[key] = value
         extra = dict(pipe.defaults)  # an embedded model's call defaults (applied by the pipeline itself)
 
-        result = pipe(prompts[0] if len(prompts) == 1 else prompts, controls=controls, seed=seed, **kw)
+        pipe, call_kw = image_call(args, pipe, init_images, kw)
+        result = pipe(prompts[0] if len(prompts) == 1 else prompts, controls=controls, seed=seed, **call_kw)
 
         images = result.images
         width, height = images[0].size
@@ -231,6 +235,9 @@ def generate(args: argparse.Namespace, load=None) -> tuple[int, list[Path]]:
             "prompts_file": args.prompts,
             "reference_image": args.reference_image,
             "reference_prompt": args.reference_prompt,
+            "image": args.image,
+            "mask": args.mask,
+            "strength": args.strength,
             "negative_prompt": args.negative,
             "model": model_key(args.model),
             "seed": seed,

@@ -29,4 +29,9 @@ def adapter_for(pipe) -> type[Adapter] | None:
     return next((PIPELINE_ADAPTERS[c.__name__] for c in type(pipe).__mro__ if c.__name__ in PIPELINE_ADAPTERS), None)
 
 
-__all__ = ["Adapter", "Prepared", "ADAPTERS", "PIPELINE_ADAPTERS", "adapter_for"]
+def class_for(family: str, kind: str) -> str | None:
+    """The diffusers pipeline class name of a family's kind ("img2img", "inpaint", ...), None if none is listed."""
+    return next((k for k, a in PIPELINE_ADAPTERS.items() if a.family == family and a.kind == kind), None)
+
+
+__all__ = ["Adapter", "Prepared", "ADAPTERS", "PIPELINE_ADAPTERS", "adapter_for", "class_for"]
