@@ -208,6 +208,7 @@ FLOAT_ARGS: dict[str, tuple[float, float, str]] = {
     "skip_layer_guidance_start": (0.0, 1.0, "pass a fraction of the run, e.g. 0.01"),
     "skip_layer_guidance_stop": (0.0, 1.0, "pass a fraction of the run, e.g. 0.2"),
     "mu": (-math.inf, math.inf, "pass a finite number, or leave it unset"),
+    "strength": (0.0, 1.0, "pass e.g. 0.6 (how far the init image is noised; 1 starts from noise)"),
 }
 
 

@@ -267,3 +267,9 @@ def test_every_control_runs_on_every_kind(kind, control):
     )
     assert out.images.shape == (2, 4, SIZE // 2, SIZE // 2)
     assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])
+def test_strength_outside_0_1_is_refused_before_work(strength):
+    with pytest.raises(ValueError, match="strength must be a finite number from 0 to 1"):
+        ControlledPipeline(kind_pipe("sd-img2img")).check_call(PROMPTS[0], image=init_image(), strength=strength)
