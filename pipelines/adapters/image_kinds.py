@@ -63,6 +63,8 @@ class InpaintKind:
         latent_timestep = timesteps[:1].repeat(rows)
         init_image = pipe.image_processor.preprocess(kw["image"], height=h, width=w, resize_mode="default")
         init_image = init_image.to(dtype=torch.float32)
+        if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":  # its decoder reads the mask and image
+            raise NotImplementedError("attnctrl does not support inpainting with an AsymmetricAutoencoderKL yet")
         unet_channels = pipe.unet.config.in_channels
         if unet_channels not in (4, 9):
             raise ValueError(f"an inpainting UNet has 4 or 9 input channels, not {unet_channels}")
