@@ -145,6 +145,8 @@ class AttentionMapResult:
         text encoder's length, so the model never saw them (or all of them)."""
         from .tokens import TruncatedError, word_labels
 
+        if self._text is None or self._family is None or not self.prompts:
+            return []  # no tokenizers recorded: nothing to tell
         cut = []
         for label in word_labels(self.prompt_of(image)):
             try:
