@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 
 import attnctrl as ac
 from attnctrl.models.tiny import build_tiny
@@ -22,6 +22,8 @@ MATH = AttentionBackendName._NATIVE_MATH
 def math_backend(monkeypatch):
     """A fresh tiny FLUX on the ``_native_math`` backend, and the list of calls that backend served."""
     pipe = build_tiny("tiny-flux")
+    # set_attention_backend also makes the backend the process-wide default: put that back afterwards
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     pipe.transformer.set_attention_backend(MATH.value)
     served: list[tuple] = []
     original = _AttentionBackendRegistry._backends[MATH]
@@ -43,8 +45,12 @@ def test_a_controlled_layer_runs_on_the_users_backend(math_backend):
     out = cp(PROMPTS, seed=0, controls=[tau()], **kw).latents
     assert len(served) == 2 * len(cp.layers())  # every layer, controlled or not, each step
     native = ControlledPipeline(build_tiny("tiny-flux"))
-    assert torch.allclose(out, native(PROMPTS, seed=0, controls=[tau()], **kw).latents, atol=1e-5)
-    stock = native(PROMPTS, seed=0, **kw).latents
+    with attention_backend(AttentionBackendName.NATIVE.value):  # PyTorch's SDPA, for the reference
+        served.clear()
+        ref = native(PROMPTS, seed=0, controls=[tau()], **kw).latents
+        stock = native(PROMPTS, seed=0, **kw).latents
+        assert served == []
+    assert torch.allclose(out, ref, atol=1e-5)
     assert (out - stock).abs().max() > 1e-3  # and the control did act on the backend's layers
 
 
