@@ -128,7 +128,7 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
                     same.append((control, heads))
         if control.needs_probs(call):
             readers.append((control, heads))
-    lse = None
+    lse, on_backend = None, False
     if readers:
         p = attention_probs(call.q, call.k, call.scale, bias)
         for control, heads in readers:
@@ -148,10 +148,10 @@ def attend(call: AttentionCall, chain: Chain) -> torch.Tensor:
         if fused is not None:
             o, lse = fused
         elif call.backend is not None and bias is None and skip is None and not observed:
-            o = call.backend(call.q, call.k, call.v, sdpa_scale(call.scale, call.q.shape[-1]))
+            o, on_backend = call.backend(call.q, call.k, call.v, sdpa_scale(call.scale, call.q.shape[-1])), True
         else:
             o = _sdpa(call, bias, skip)
-    if call.backend is not None and (readers or observed or bias is not None or skip is not None):
+    if call.backend is not None and not on_backend:
         _say_native_once(call, chain)
     for block, observers in observed:
         p_block = block_probs(call.q, call.k, call.scale, bias, block, lse=lse)

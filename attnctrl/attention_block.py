@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .attention import AttentionCall
 
 #: bytes of float32 logits one chunk of `block_probs` may hold (default 256 MiB)
 PROBS_BUDGET_BYTES = int(float(os.environ.get("ATTNCTRL_PROBS_BUDGET_MB", "256")) * 2**20)
@@ -32,6 +36,15 @@ class ProbsBlock:
     keys: slice
     heads: tuple[int, ...] | None = None
     mean_heads: bool = True
+
+
+def image_text_block(call: AttentionCall, heads: tuple[int, ...] | None = None) -> ProbsBlock | None:
+    """The block map readers take: the conditional rows' image queries × text keys, head-averaged;
+    None on a call with no text keys or no conditional rows, or in a pass with gradients (the
+    latent optimisers' passes are not part of any record)."""
+    if call.k_text is None or torch.is_grad_enabled() or not call.run.layout.has("cond"):
+        return None
+    return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text, heads)
 
 
 def query_chunk(rows: int, heads: int, keys: int, budget: int | None = None) -> int:
@@ -122,4 +135,4 @@ def block_probs(
     return out
 
 
-__all__ = ["PROBS_BUDGET_BYTES", "ProbsBlock", "block_probs", "query_chunk", "sdpa_with_lse"]
+__all__ = ["PROBS_BUDGET_BYTES", "ProbsBlock", "block_probs", "image_text_block", "query_chunk", "sdpa_with_lse"]

@@ -129,31 +129,28 @@ class AttentionMapResult:
     def words(self, image: int, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """Map of every word of image `image`'s prompt that the encoder saw, in prompt order (repeats
         as "word#2"); words cut off by the encoder's length are left out (`truncated` lists them)."""
-        from .tokens import TruncatedError, word_labels
-
         maps = self.combined(size)[image]  # once, not per word
-        out = {}
-        for label in word_labels(self.prompt_of(image)):
-            try:
-                out[label] = maps[self.token_indices(image, label)].sum(0)
-            except TruncatedError:
-                continue
-        return out
+        return {label: maps[idx].sum(0) for label, idx in self._resolved(image)[0].items()}
 
     def truncated(self, image: int) -> list[str]:
         """Words of image `image`'s prompt (labels as in `words`) that lie wholly or partly beyond the
         text encoder's length, so the model never saw them (or all of them)."""
-        from .tokens import TruncatedError, word_labels
-
         if self._text is None or self._family is None or not self.prompts:
             return []  # no tokenizers recorded: nothing to tell
+        return self._resolved(image)[1]
+
+    def _resolved(self, image: int) -> tuple[dict[str, list[int]], list[str]]:
+        """Image `image`'s word labels: the token indices of those the encoder saw, and those it cut."""
+        from .tokens import TruncatedError, word_labels
+
+        kept: dict[str, list[int]] = {}
         cut = []
         for label in word_labels(self.prompt_of(image)):
             try:
-                self.token_indices(image, label)
+                kept[label] = self.token_indices(image, label)
             except TruncatedError:
                 cut.append(label)
-        return cut
+        return kept, cut
 
     # ---- rendering ---------------------------------------------------------------------------
     def render(

@@ -54,7 +54,7 @@ from typing import Annotated, Any
 
 import torch
 
-from ..attention_block import ProbsBlock
+from ..attention_block import ProbsBlock, image_text_block
 from ..control import Control
 from ..params import WORDS, Range
 from ..regions import parse_boxes
@@ -232,11 +232,9 @@ class IsolationReposition(Control):
 
     # ---- the map reader (regions from attention) -----------------------------------------------
     def reads(self, call) -> ProbsBlock | None:
-        if not self._reads or call.k_text is None or call.run.state is None or call.run.state.index >= self.mask_step:
+        if not self._reads or call.run.state is None or call.run.state.index >= self.mask_step:
             return None
-        if not call.run.layout.has("cond") or torch.is_grad_enabled():
-            return None
-        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text)
+        return image_text_block(call)
 
     def observe(self, call, block: torch.Tensor) -> None:
         add_maps(self, call, block)

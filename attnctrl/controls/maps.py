@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..attention_block import ProbsBlock
+from ..attention_block import ProbsBlock, image_text_block
 from ..control import Control
 from ..maps import AttentionMapResult
 from ..selectors import Selector, SelectorLike
@@ -53,10 +53,7 @@ class AttentionMaps(Control):
     def reads(self, call) -> ProbsBlock | None:
         """The conditional rows' image→text block, head-averaged; latent-optimisation passes (with
         gradients) are not part of the record."""
-        if call.k_text is None or torch.is_grad_enabled() or not call.run.layout.has("cond"):
-            return None
-        heads = tuple(sorted(call.heads)) if call.heads is not None else None
-        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text, heads)
+        return image_text_block(call, tuple(sorted(call.heads)) if call.heads is not None else None)
 
     def observe(self, call, m: torch.Tensor) -> None:
         if call.q_text is not None:  # joint attention: renormalise the image→text block over text

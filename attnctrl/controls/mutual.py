@@ -49,7 +49,7 @@ from typing import Annotated, Any
 
 import torch
 
-from ..attention_block import ProbsBlock
+from ..attention_block import ProbsBlock, image_text_block
 from ..control import Control
 from ..params import WORDS, Range
 from ..regions import check_masks
@@ -267,10 +267,9 @@ class MutualSelfAttention(Control):
     # ---- MaskAuto: maps from cross-attention -----------------------------------------------------
     def reads(self, call) -> ProbsBlock | None:
         # the plan's cross-attention layers are the ones `narrow_layers` kept for the maps
-        reads = self.mask_tokens is not None and call.layer.kind == "cross"
-        if not (reads and call.run.layout.has("cond") and not torch.is_grad_enabled()):
+        if self.mask_tokens is None or call.layer.kind != "cross":
             return None
-        return ProbsBlock(call.run.layout.rows("cond"), call.q_image, call.k_text)
+        return image_text_block(call)
 
     def observe(self, call, block: torch.Tensor) -> None:
         """Add this layer's head-averaged maps of the chosen tokens (conditional rows) to the step's sum."""
